@@ -1,0 +1,220 @@
+"""Configuration: one validated schema, read from YAML, overridden with ``--set key=value``.
+
+This is the only module that reads YAML; library code takes typed arguments. Unknown or
+misspelled keys are errors that name the key, the file and line, and the closest valid key.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with where it is and how to fix it in the message."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(Strict):
+    hflip: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip")
+    vflip: float = Field(0.0, ge=0, le=1, description="probability of a vertical flip")
+    scale: tuple[float, float] = Field((0.6, 1.4), description="random scale range (1, 1 turns it off)")
+    translate: float = Field(0.1, ge=0, le=0.5, description="random shift as a fraction of the input size")
+    brightness: float = Field(0.3, ge=0)
+    contrast: float = Field(0.3, ge=0)
+    saturation: float = Field(0.5, ge=0)
+    hue: float = Field(0.015, ge=0, le=0.5)
+    mosaic: float = Field(0.0, ge=0, le=1, description="probability of a 4-image mosaic")
+
+
+class DataConfig(Strict):
+    path: str = Field(..., description="dataset folder (VOC, COCO JSON or YOLO txt), or 'bundled:bccd'")
+    format: Literal["auto", "voc", "coco", "yolo"] = "auto"
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    split_seed: int = 0
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    input_size: int = Field(320, ge=32, description="square model input; images are letterboxed to it")
+    augment: AugmentConfig = AugmentConfig()
+    cache_images: bool = Field(True, description="keep letterboxed images in memory")
+    workers: int = Field(1, ge=0)
+
+    @field_validator("input_size")
+    @classmethod
+    def _multiple_of_32(cls, value: int) -> int:
+        if value % 32:
+            raise ValueError(f"must be a multiple of 32 (the coarsest stride), got {value}; try {round(value / 32) * 32}")
+        return value
+
+
+class ModelConfig(Strict):
+    family: str = Field("yolo", description="detector family: yolo or fcos")
+    backbone: str = Field("cspdarknet", description="cspdarknet, mobilenet_v2, mobilenet_v3_small/large, resnet18/34/50")
+    size: Literal["p", "t", "n", "s", "m", "l"] = Field("s", description="width/depth of cspdarknet and of the neck")
+    width: float = Field(1.0, gt=0, description="width multiplier of MobileNet backbones")
+    anchors: Literal["auto", "default"] | list[list[list[float]]] = Field(
+        "auto", description="yolo: 'auto' (k-means on the training boxes), 'default' (YOLOv5's) or [[[w, h], ...], ...]"
+    )
+    fpn_channels: int = Field(64, ge=8, description="fcos: channels of the FPN and head")
+    extra_levels: bool = Field(True, description="fcos: add P6 and P7 (strides 64, 128) like the paper")
+    pretrained_backbone: str | None = Field(None, description="local weights file for the backbone")
+    weights: str | None = Field(None, description="kdet checkpoint to initialise the whole detector from")
+    box_weight: float = Field(0.05, ge=0, description="yolo: box loss weight")
+    obj_weight: float = Field(1.0, ge=0, description="yolo: objectness loss weight")
+    cls_weight: float = Field(0.5, ge=0, description="yolo: class loss weight")
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(16, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = Field(0.937, ge=0, lt=1)
+    warmup_epochs: float = Field(1.0, ge=0)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    final_lr_ratio: float = Field(0.05, ge=0, le=1)
+    ema: bool = True
+    ema_decay: float = Field(0.999, gt=0, lt=1)
+    ema_ramp: float = Field(200, gt=0, description="updates over which the EMA decay ramps up")
+    grad_clip: float | None = Field(10.0, gt=0)
+    eval_every: int = Field(1, ge=1, description="evaluate on the validation split every N epochs")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
+    amp: bool = Field(False, description="mixed precision (CUDA only)")
+
+
+class EvalConfig(Strict):
+    score_thresh: float = Field(0.001, ge=0, le=1)
+    nms_iou: float = Field(0.6, gt=0, le=1)
+    max_det: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1)
+
+
+class Config(Strict):
+    seed: int = 0
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overriding and error messages
+# ---------------------------------------------------------------------------------------------
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *, base: dict | None = None) -> Config:
+    """Read ``path`` (YAML), apply ``key=value`` overrides, validate. Raises :class:`ConfigError`."""
+    raw: dict[str, Any] = dict(base or {})
+    lines: dict[tuple, int] = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        text = path.read_text()
+        try:
+            loaded = yaml.safe_load(text) or {}
+            lines = _key_lines(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(loaded).__name__}")
+        raw = _merge(raw, loaded)
+    overridden: set[tuple] = set()
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value, for example --set train.epochs=10")
+        parts = tuple(key.strip().split("."))
+        _set_path(raw, parts, yaml.safe_load(value))
+        overridden.add(parts)
+    return validate_config(raw, source=source, lines=lines, overridden=overridden)
+
+
+def validate_config(raw: dict, *, source: str = "config", lines: dict | None = None, overridden: set | None = None) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_explain(error, source, lines or {}, overridden or set())) from None
+
+
+def config_to_dict(config: Config) -> dict:
+    return config.model_dump(mode="json")
+
+
+def _explain(error: ValidationError, source: str, lines: dict, overridden: set) -> str:
+    messages = []
+    for item in error.errors():
+        loc = tuple(str(p) for p in item["loc"])
+        dotted = ".".join(loc)
+        where = _where(loc, source, lines, overridden)
+        if item["type"] == "extra_forbidden":
+            valid = _valid_keys(loc[:-1])
+            close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+            hint = f" Did you mean {'.'.join(loc[:-1] + (close[0],))!r}?" if close else ""
+            messages.append(f"{where}unknown key {dotted!r}.{hint} Valid keys here: {', '.join(valid)}.")
+        elif item["type"] == "missing":
+            messages.append(f"{where}missing required key {dotted!r}.")
+        else:
+            messages.append(f"{where}{dotted}: {item['msg']} (got {item.get('input')!r}).")
+    return "invalid configuration:\n  " + "\n  ".join(messages)
+
+
+def _where(loc: tuple, source: str, lines: dict, overridden: set) -> str:
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in overridden:
+            return "--set: "
+        if loc[:n] in lines:
+            return f"{source}, line {lines[loc[:n]]}: "
+    return f"{source}: "
+
+
+def _valid_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _key_lines(text: str) -> dict[tuple, int]:
+    """Map each key path in a YAML document to its 1-based line."""
+    out: dict[tuple, int] = {}
+
+    def walk(node: yaml.Node, prefix: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                path = prefix + (str(key_node.value),)
+                out[path] = key_node.start_mark.line + 1
+                walk(value_node, path)
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return out
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _set_path(raw: dict, parts: tuple, value: Any) -> None:
+    node = raw
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value

@@ -1,0 +1,192 @@
+"""The few types shared across kdet.
+
+Conventions used everywhere inside the library:
+
+* boxes are ``xyxy`` in absolute pixels of the image they refer to;
+* class ids index one ``class_names`` list owned by the dataset (and copied into every model);
+* images enter a detector as float tensors in ``[0, 1]``, shape ``[N, 3, H, W]``, all of one size;
+  normalisation (mean/std) happens inside the model, so a checkpoint carries its own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# Data records: what every reader (VOC, COCO, YOLO) produces.
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the input data, and what kdet did about it.
+
+    ``kind`` is a short stable identifier (``zero_size_box``, ``unknown_class`` ...), ``message``
+    a sentence for people, ``action`` what kdet did (``"box dropped"``, ``"image skipped"`` ...).
+    ``line`` is a 1-based line in ``file`` (YOLO label files) or a position such as the index of a
+    JSON annotation, when one exists.
+    """
+
+    file: str
+    kind: str
+    message: str
+    action: str = ""
+    line: int | None = None
+
+    def to_dict(self) -> dict:
+        out = {"file": self.file, "kind": self.kind, "message": self.message, "action": self.action}
+        if self.line is not None:
+            out["line"] = self.line
+        return out
+
+
+@dataclass
+class ImageRecord:
+    """One annotated image in the internal form.
+
+    ``boxes``: float32 ``[M, 4]`` xyxy in absolute pixels of the original image, already clipped.
+    ``labels``: int64 ``[M]`` into the dataset's ``class_names``.
+    ``difficult``: bool ``[M]`` (VOC's flag; excluded from VOC mAP, kept for training).
+    """
+
+    image_id: str
+    path: Path
+    width: int
+    height: int
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
+    difficult: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
+        self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
+        if self.difficult is None:
+            self.difficult = np.zeros(len(self.labels), dtype=bool)
+        self.difficult = np.asarray(self.difficult, dtype=bool).reshape(-1)
+        if not (len(self.boxes) == len(self.labels) == len(self.difficult)):
+            raise ValueError(
+                f"{self.path}: {len(self.boxes)} boxes, {len(self.labels)} labels and "
+                f"{len(self.difficult)} difficult flags; expected the same number of each"
+            )
+
+
+@dataclass
+class DatasetIndex:
+    """A whole dataset read into the internal form.
+
+    ``splits`` maps split names (``train``, ``val``, ``test`` ...) to records; ``split_source``
+    says where the split came from (``"dataset"`` when the dataset defines it, ``"seeded"`` when
+    kdet made it). ``problems`` holds everything the reader found wrong, nothing left out.
+    """
+
+    root: Path
+    format: str
+    class_names: list[str]
+    splits: dict[str, list[ImageRecord]]
+    problems: list[Problem] = field(default_factory=list)
+    split_source: str = "dataset"
+
+    def split(self, name: str) -> list[ImageRecord]:
+        if name not in self.splits:
+            raise KeyError(
+                f"dataset {self.root} has no split {name!r}; it has {sorted(self.splits)}. "
+                f"Set data.*_split in the config to one of those."
+            )
+        return self.splits[name]
+
+    def all_records(self) -> list[ImageRecord]:
+        seen: dict[str, ImageRecord] = {}
+        for records in self.splits.values():
+            for record in records:
+                seen.setdefault(record.image_id, record)
+        return list(seen.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Model outputs: what every detector returns from one forward pass.
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class FeatureMap:
+    """A named intermediate feature map: ``tensor`` is ``[N, C, H, W]`` at ``stride`` pixels."""
+
+    tensor: Tensor
+    stride: int
+
+    @property
+    def channels(self) -> int:
+        return int(self.tensor.shape[1])
+
+
+@dataclass
+class HeadLevel:
+    """Raw head maps of one pyramid level, before any decoding.
+
+    ``cls_logits``: ``[N, A, C, H, W]``; ``box``: ``[N, A, 4, H, W]`` in the head's own
+    parameterisation (``box_format``); ``score``: ``[N, A, 1, H, W]`` logits of the head's
+    objectness (YOLO) or quality/centerness (FCOS) branch, ``None`` when the head has none.
+    ``A`` is the number of anchors per location (1 for anchor-free heads).
+    """
+
+    name: str
+    stride: int
+    cls_logits: Tensor
+    box: Tensor
+    score: Tensor | None = None
+    score_kind: str | None = None  # "objectness" | "centerness"
+    box_format: str = ""  # "yolov5" | "ltrb"
+    anchors: Tensor | None = None  # [A, 2] anchor (w, h) in pixels, anchor-based heads only
+
+    @property
+    def num_anchors(self) -> int:
+        return int(self.cls_logits.shape[1])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.cls_logits.shape[2])
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return int(self.cls_logits.shape[-2]), int(self.cls_logits.shape[-1])
+
+
+@dataclass
+class Detections:
+    """Decoded detections of one image: ``boxes`` ``[K, 4]`` xyxy pixels of the model input,
+    ``scores`` ``[K]``, ``labels`` ``[K]`` int64."""
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+
+    @staticmethod
+    def empty(device: torch.device | str = "cpu") -> "Detections":
+        return Detections(
+            torch.zeros((0, 4), device=device),
+            torch.zeros((0,), device=device),
+            torch.zeros((0,), dtype=torch.int64, device=device),
+        )
+
+
+@dataclass
+class DetectorOutput:
+    """Everything one forward pass of a kdet detector gives.
+
+    ``features``: named feature maps (``backbone.c3`` ... , ``neck.p3`` ...), each with its stride.
+    ``head``: raw head maps per level, in pyramid order (finest first).
+    ``losses``: the detector's own unweighted loss terms when targets were given, else ``None``;
+    ``loss`` is their weighted sum (what the detector trains on).
+    ``detections``: one :class:`Detections` per image when decoding was asked for, else ``None``.
+    """
+
+    features: dict[str, FeatureMap]
+    head: list[HeadLevel]
+    losses: dict[str, Tensor] | None = None
+    loss: Tensor | None = None
+    detections: list[Detections] | None = None
+
+
+Targets = list[dict[str, Tensor]]
+"""Per image: ``{"boxes": float [M, 4] xyxy pixels of the model input, "labels": int64 [M]}``."""

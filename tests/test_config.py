@@ -1,0 +1,60 @@
+import pytest
+
+from kdet.config import ConfigError, load_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_valid_config_with_overrides(tmp_path):
+    path = write(tmp_path, "data:\n  path: somewhere\nmodel:\n  size: n\n")
+    config = load_config(path, ["train.epochs=3", "model.backbone=mobilenet_v2", "data.augment.scale=[1, 1]"])
+    assert config.train.epochs == 3
+    assert config.model.backbone == "mobilenet_v2"
+    assert config.model.size == "n"
+    assert config.data.augment.scale == (1.0, 1.0)
+
+
+def test_misspelled_key_names_file_line_and_closest_key(tmp_path):
+    path = write(tmp_path, "data:\n  path: x\nmodel:\n  backbon: resnet18\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert f"{path}, line 4" in message
+    assert "'model.backbon'" in message
+    assert "Did you mean 'model.backbone'?" in message
+
+
+def test_misspelled_override_is_attributed_to_set(tmp_path):
+    path = write(tmp_path, "data:\n  path: x\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["train.epoch=3"])
+    assert "--set" in str(info.value)
+    assert "Did you mean 'train.epochs'?" in str(info.value)
+
+
+def test_bad_value_says_what_was_received(tmp_path):
+    path = write(tmp_path, "data:\n  path: x\n  input_size: 300\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "line 3" in str(info.value)
+    assert "multiple of 32" in str(info.value)
+    assert "288" in str(info.value)
+
+
+def test_missing_required_key_and_malformed_set(tmp_path):
+    path = write(tmp_path, "model:\n  size: n\n")
+    with pytest.raises(ConfigError, match="missing required key 'data'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(write(tmp_path, "data:\n  path: x\n"), ["train.epochs"])
+
+
+def test_not_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "data: [unclosed\n"))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
