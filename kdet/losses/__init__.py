@@ -1,0 +1,1 @@
+"""Detection losses (one family per file) and, separately, distillation losses."""

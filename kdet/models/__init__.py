@@ -1,0 +1,39 @@
+"""Detectors: the built-in YOLO family and torchvision's FCOS, behind one interface."""
+from __future__ import annotations
+
+from typing import Callable
+
+from ..config import ModelConfig
+from ..losses.yolo import YOLOv5Loss
+from ..registry import Registry
+from .anchors import DEFAULT_ANCHORS
+from .backbones import BACKBONES, build_backbone
+from .detector import Detector, LevelSpec, ModelSpec
+from .yolo import YOLODetector
+
+MODELS: Registry[Callable[..., Detector]] = Registry("model family")
+
+
+@MODELS.register("yolo")
+def build_yolo(config: ModelConfig, class_names: list[str], input_size: int) -> YOLODetector:
+    if config.anchors == "auto":
+        raise ValueError("model.anchors is 'auto': resolve it from the training data before building (kdet.engine does)")
+    anchors = DEFAULT_ANCHORS if config.anchors == "default" else config.anchors
+    backbone = build_backbone(config.backbone, size=config.size, width=config.width, pretrained=config.pretrained_backbone)
+    loss = YOLOv5Loss(
+        len(class_names), box_weight=config.box_weight, obj_weight=config.obj_weight, cls_weight=config.cls_weight
+    )
+    return YOLODetector(class_names, backbone, anchors, neck_size=config.size, input_size=input_size, loss=loss)
+
+
+def build_model(config: ModelConfig, class_names: list[str], input_size: int) -> Detector:
+    """Build an untrained detector (backbone weights from ``config.pretrained_backbone`` if set)."""
+    if config.backbone not in BACKBONES:
+        BACKBONES.get(config.backbone)  # raises with the valid names
+    return MODELS.get(config.family)(config, class_names, input_size)
+
+
+# families defined in their own modules register themselves on import
+from . import fcos  # noqa: E402,F401
+
+__all__ = ["MODELS", "Detector", "LevelSpec", "ModelSpec", "YOLODetector", "build_model"]

@@ -1,0 +1,184 @@
+"""Backbones: each maps a normalised image batch to named stages ``c3``, ``c4``, ``c5``
+at strides 8, 16 and 32, and says its channel counts up front.
+
+The built-in CSP-Darknet comes in YOLOv5's sizes; the torchvision ones (MobileNetV2/V3,
+ResNet-18/34/50) are built without weights and can load a local weights file.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from ..registry import Registry
+from .layers import C3, SPPF, ConvBNAct
+
+# width multiplier, depth multiplier: the YOLOv5 scaling rules
+SIZES: dict[str, tuple[float, float]] = {
+    "p": (0.125, 0.33),
+    "t": (0.1875, 0.33),
+    "n": (0.25, 0.33),
+    "s": (0.50, 0.33),
+    "m": (0.75, 0.67),
+    "l": (1.00, 1.00),
+}
+
+STAGE_NAMES = ("c3", "c4", "c5")
+STAGE_STRIDES = (8, 16, 32)
+
+
+def scale_width(channels: int, width: float, divisor: int = 8) -> int:
+    return max(divisor, int(math.ceil(channels * width / divisor) * divisor))
+
+
+def scale_depth(depth: int, multiplier: float) -> int:
+    return max(1, round(depth * multiplier))
+
+
+class Backbone(nn.Module):
+    """Base class: ``forward(x) -> {"c3": [N, C3, H/8, W/8], "c4": ..., "c5": ...}``."""
+
+    channels: list[int]
+    strides: list[int] = list(STAGE_STRIDES)
+
+    def load_pretrained(self, path: str | Path) -> None:
+        load_weights_file(self, path, what="backbone")
+
+
+BACKBONES: Registry[Callable[..., Backbone]] = Registry("backbone")
+
+
+@BACKBONES.register("cspdarknet")
+class CSPDarknet(Backbone):
+    """YOLOv5 (v6.0+) CSP-Darknet with SPPF; ``size`` picks width and depth from :data:`SIZES`."""
+
+    def __init__(self, size: str = "s") -> None:
+        super().__init__()
+        width, depth = SIZES[size]
+        ch = [scale_width(c, width) for c in (64, 128, 256, 512, 1024)]
+        d = [scale_depth(n, depth) for n in (3, 6, 9, 3)]
+        self.stem = ConvBNAct(3, ch[0], 6, 2, 2)  # stride 2
+        self.stage2 = nn.Sequential(ConvBNAct(ch[0], ch[1], 3, 2), C3(ch[1], ch[1], d[0]))  # stride 4
+        self.stage3 = nn.Sequential(ConvBNAct(ch[1], ch[2], 3, 2), C3(ch[2], ch[2], d[1]))  # stride 8
+        self.stage4 = nn.Sequential(ConvBNAct(ch[2], ch[3], 3, 2), C3(ch[3], ch[3], d[2]))  # stride 16
+        self.stage5 = nn.Sequential(
+            ConvBNAct(ch[3], ch[4], 3, 2), C3(ch[4], ch[4], d[3]), SPPF(ch[4], ch[4])
+        )  # stride 32
+        self.channels = [ch[2], ch[3], ch[4]]
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        x = self.stage2(self.stem(x))
+        c3 = self.stage3(x)
+        c4 = self.stage4(c3)
+        c5 = self.stage5(c4)
+        return {"c3": c3, "c4": c4, "c5": c5}
+
+
+class TorchvisionBackbone(Backbone):
+    """A torchvision classification network cut at its last layer of stride 8, 16 and 32.
+
+    The cut points are found by running a probe image through the network, so any width
+    multiplier works without a table of layer indices.
+    """
+
+    def __init__(self, layers: nn.Sequential) -> None:
+        super().__init__()
+        self.layers = layers
+        cut: dict[int, tuple[int, int]] = {}  # stride -> (layer index, channels)
+        with torch.no_grad():
+            x = torch.zeros(1, 3, 64, 64)
+            was_training = layers.training
+            layers.eval()
+            for index, layer in enumerate(layers):
+                x = layer(x)
+                stride = 64 // x.shape[-1]
+                if stride in STAGE_STRIDES:
+                    cut[stride] = (index, int(x.shape[1]))
+            layers.train(was_training)
+        missing = [s for s in STAGE_STRIDES if s not in cut]
+        if missing:
+            raise ValueError(f"backbone has no layer at stride(s) {missing}; cannot build a pyramid")
+        self.cut_index = [cut[s][0] for s in STAGE_STRIDES]
+        self.channels = [cut[s][1] for s in STAGE_STRIDES]
+        # layers after the stride-32 cut (a classifier's last 1x1 conv) are never run: drop them
+        self.layers = nn.Sequential(*list(layers)[: self.cut_index[-1] + 1])
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        names = dict(zip(self.cut_index, STAGE_NAMES))
+        for index, layer in enumerate(self.layers):
+            x = layer(x)
+            if index in names:
+                out[names[index]] = x
+        return out
+
+
+def _resnet_layers(net: torchvision.models.ResNet) -> nn.Sequential:
+    return nn.Sequential(
+        OrderedDict(
+            stem=nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool),
+            layer1=net.layer1,
+            layer2=net.layer2,
+            layer3=net.layer3,
+            layer4=net.layer4,
+        )
+    )
+
+
+def _torchvision_backbone(name: str, width: float, pretrained: str | Path | None) -> TorchvisionBackbone:
+    kwargs = {"width_mult": width} if name in {"mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large"} else {}
+    if name.startswith("resnet") and width != 1.0:
+        raise ValueError(f"model.width is not supported for {name}; remove it or use 1.0")
+    net = getattr(torchvision.models, name)(weights=None, **kwargs)
+    if pretrained:
+        # torchvision's weight files are whole classification networks: load before cutting
+        load_weights_file(net, pretrained, what=f"{name} weights")
+    layers = _resnet_layers(net) if name.startswith("resnet") else net.features
+    return TorchvisionBackbone(layers)
+
+
+for _name in ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "resnet18", "resnet34", "resnet50"):
+    BACKBONES.register(_name)(
+        lambda width=1.0, pretrained=None, _n=_name: _torchvision_backbone(_n, width, pretrained)
+    )
+
+
+def build_backbone(name: str, *, size: str = "s", width: float = 1.0, pretrained: str | Path | None = None) -> Backbone:
+    """Build a registered backbone. ``size`` applies to ``cspdarknet``, ``width`` to MobileNets;
+    ``pretrained`` is a local weights file (a torchvision checkpoint for torchvision backbones,
+    a state dict of the backbone itself for ``cspdarknet``)."""
+    builder = BACKBONES.get(name)
+    if name == "cspdarknet":
+        backbone = builder(size=size)
+        if pretrained:
+            backbone.load_pretrained(pretrained)
+        return backbone
+    return builder(width=width, pretrained=pretrained)
+
+
+def load_weights_file(module: nn.Module, path: str | Path, *, what: str) -> None:
+    """Load a local state dict into ``module`` (keys that match by name and shape).
+
+    Accepts a bare state dict or a dict holding one under ``state_dict``/``model``. Raises when
+    the file is missing or when no tensor at all matches, since that means the wrong file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: file {path} not found; give a local weights file (nothing is downloaded)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    own = module.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not matched:
+        raise ValueError(
+            f"{what}: no tensor in {path} matches the model by name and shape "
+            f"(file has e.g. {list(state)[:3]}, model expects e.g. {list(own)[:3]}); is it the right file?"
+        )
+    module.load_state_dict(matched, strict=False)

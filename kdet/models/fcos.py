@@ -1,0 +1,1 @@
+"""torchvision's FCOS behind kdet's detector interface (placeholder until implemented)."""
