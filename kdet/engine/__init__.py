@@ -1,0 +1,1 @@
+"""Training loop, evaluation (COCO and VOC mAP), checkpoints and hooks."""
