@@ -1,0 +1,73 @@
+"""Checkpoints: written atomically, self-describing (a checkpoint rebuilds its own model)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..config import ModelConfig
+from ..models import Detector, build_model
+
+FORMAT = "kdet-detector/1"
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``: a crash
+    mid-write leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def model_payload(model: Detector, model_config: ModelConfig, input_size: int, *, half: bool = False, extra: dict | None = None) -> dict:
+    """What is needed to rebuild and run ``model``: its resolved config, classes, input size and weights."""
+    state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    payload = {
+        "format": FORMAT,
+        "kdet_version": __version__,
+        "model_config": model_config.model_dump(mode="json"),
+        "class_names": list(model.class_names),
+        "input_size": input_size,
+        "state_dict": state,
+    }
+    payload.update(extra or {})
+    return payload
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises several types for a damaged file
+        raise ValueError(f"{path}: cannot be read as a checkpoint ({error}); is the file complete?") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a kdet detector checkpoint (expected format {FORMAT!r})")
+    return payload
+
+
+def load_detector(path: str | Path, *, map_location: str | torch.device = "cpu") -> tuple[Detector, dict]:
+    """Rebuild the detector saved in ``path`` and load its weights (fp16 checkpoints are cast
+    back to fp32). Returns ``(model in eval mode, payload)``."""
+    payload = load_checkpoint(path)
+    config = ModelConfig.model_validate(payload["model_config"])
+    # weights come from this checkpoint, not from the files the config once named
+    config = config.model_copy(update={"pretrained_backbone": None, "weights": None})
+    model = build_model(config, payload["class_names"], payload["input_size"])
+    state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+    model.load_state_dict(state)
+    return model.to(map_location).eval(), payload
