@@ -1,0 +1,138 @@
+"""Where data enters kdet: VOC, COCO and YOLO readers that all produce one
+:class:`~kdet.structures.DatasetIndex`, with every defect reported as a
+:class:`~kdet.structures.Problem` instead of a crash or a silent drop.
+
+>>> index = read_dataset("path/to/dataset")          # format detected
+>>> index.class_names, {k: len(v) for k, v in index.splits.items()}
+>>> [p.kind for p in index.problems]
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..structures import DatasetIndex, ImageRecord
+from .coco import find_annotation_files, read_coco
+from .common import DataError, check_fractions
+from .voc import is_voc, read_voc
+from .yolo import find_dataset_yaml, is_yolo_folder, read_yolo
+
+__all__ = [
+    "DataError",
+    "bundled_bccd_path",
+    "detect_format",
+    "read_dataset",
+    "remap_classes",
+    "resolve_data_path",
+]
+
+FORMATS = ("voc", "coco", "yolo")
+BUNDLED = {"bccd": "bccd"}  # name after "bundled:" -> folder in kdet/assets
+
+
+def bundled_bccd_path() -> Path:
+    """The half-resolution BCCD copy shipped with kdet (VOC layout, 364 images, 320x240)."""
+    return Path(__file__).resolve().parent.parent / "assets" / "bccd"
+
+
+def resolve_data_path(path: str | Path) -> Path:
+    """``bundled:bccd`` -> the bundled copy; anything else -> that path (``~`` expanded)."""
+    text = str(path)
+    if text.startswith("bundled:"):
+        name = text.removeprefix("bundled:")
+        if name not in BUNDLED:
+            raise DataError(f"unknown bundled dataset {text!r}; bundled datasets: {', '.join('bundled:' + n for n in BUNDLED)}")
+        return bundled_bccd_path()
+    return Path(text).expanduser()
+
+
+def detect_format(path: str | Path) -> str:
+    """``"voc"``, ``"coco"`` or ``"yolo"`` for the dataset at ``path`` (a folder, a COCO JSON file
+    or a YOLO dataset YAML). Raises :class:`DataError` listing what was looked for if none fits."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"dataset path {path} does not exist; pass a folder with a VOC, COCO or YOLO dataset, or bundled:bccd")
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".json":
+            return "coco"
+        if suffix in (".yaml", ".yml"):
+            return "yolo"
+        raise DataError(f"{path}: a dataset file must be a COCO .json or a YOLO .yaml, got {path.name}; or pass the dataset folder")
+    if find_dataset_yaml(path) is not None:
+        return "yolo"
+    if (path / "Annotations").is_dir() and is_voc(path):
+        return "voc"
+    if find_annotation_files(path):
+        return "coco"
+    if is_yolo_folder(path):
+        return "yolo"
+    if is_voc(path):
+        return "voc"
+    raise DataError(
+        f"{path}: cannot tell the dataset format. Looked for: a YOLO data.yaml (or *.yaml with names) or "
+        f"images/ + labels/ folders; VOC Annotations/*.xml, or *.xml beside the images (also in train/ "
+        f"valid/ test/); COCO */_annotations.coco.json, annotations/*.json or *.json. Point kdet at the "
+        f"dataset's top folder, or pass the format explicitly"
+    )
+
+
+def read_dataset(
+    path: str | Path,
+    format: str = "auto",
+    *,
+    seed: int = 0,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    verify_images: bool = True,
+) -> DatasetIndex:
+    """Read a detection dataset into a :class:`DatasetIndex`.
+
+    ``path``: a dataset folder, a COCO JSON file, a YOLO YAML, or ``bundled:bccd``.
+    ``format``: ``"auto"`` (see :func:`detect_format`), ``"voc"``, ``"coco"`` or ``"yolo"``.
+    ``seed`` and ``fractions`` (train, val, test) make the split when the dataset has none
+    (``split_source == "seeded"``); a dataset's own splits are used as they are (``"dataset"``).
+    ``verify_images`` decodes every image fully (catches truncated files); ``False`` reads only
+    the headers.
+
+    Guarantees: every record's image opened; boxes are float32 xyxy pixels inside the image with
+    positive width and height; labels index ``class_names``; every defect found is in
+    ``index.problems`` (never raised). Raises :class:`DataError` only when the dataset as a whole
+    cannot be read (missing path, no annotations, unknown format, no class names).
+    """
+    # absolute, so records stay valid if the working directory changes (not resolved: links kept)
+    path = resolve_data_path(path).absolute()
+    if not path.exists():
+        raise DataError(f"dataset path {path} does not exist; pass a folder with a VOC, COCO or YOLO dataset, or bundled:bccd")
+    check_fractions(fractions)
+    if format == "auto":
+        format = detect_format(path)
+    readers = {"voc": read_voc, "coco": read_coco, "yolo": read_yolo}
+    if format not in readers:
+        raise DataError(f"unknown dataset format {format!r}; use one of auto, {', '.join(FORMATS)}")
+    if format == "voc" and path.is_file():
+        raise DataError(f"{path}: a VOC dataset is a folder; pass the folder that holds Annotations/")
+    return readers[format](path, seed=seed, fractions=fractions, verify_images=verify_images)
+
+
+def remap_classes(records: list[ImageRecord], source_names: Sequence[str], target_names: Sequence[str]) -> list[ImageRecord]:
+    """Records whose labels index ``target_names`` (e.g. a model's classes) instead of
+    ``source_names`` (the dataset's), matched by name. Records are copied, not changed.
+
+    Raises :class:`DataError` when the dataset has classes the target list does not know:
+    evaluating on them would count boxes the model can never predict.
+    """
+    if list(source_names) == list(target_names):
+        return records
+    missing = [name for name in source_names if name not in target_names]
+    if missing:
+        raise DataError(
+            f"the dataset has classes {missing} that the model does not know (model classes: {list(target_names)}); "
+            f"evaluate on data with the model's classes, or train a model on this dataset"
+        )
+    lookup = np.array([list(target_names).index(name) for name in source_names], dtype=np.int64)
+    return [
+        ImageRecord(r.image_id, r.path, r.width, r.height, r.boxes.copy(), lookup[r.labels], r.difficult.copy())
+        for r in records
+    ]

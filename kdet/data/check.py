@@ -1,0 +1,121 @@
+"""What ``kdet data check`` shows: a JSON-able summary of a :class:`DatasetIndex` and its
+rendering as rich tables. The summary holds every problem; the tables show the first
+:data:`SHOWN_PER_KIND` of each kind."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from ..structures import DatasetIndex
+
+SHOWN_PER_KIND = 20
+
+
+def _stats(values: np.ndarray) -> dict[str, float] | None:
+    if len(values) == 0:
+        return None
+    return {"min": round(float(values.min()), 2), "median": round(float(np.median(values)), 2), "max": round(float(values.max()), 2)}
+
+
+def summarize(index: DatasetIndex) -> dict:
+    """Counts and problems of ``index`` as plain JSON types.
+
+    Keys: ``path``, ``format``, ``class_names``, ``images`` (unique images over all splits),
+    ``images_without_boxes``, ``boxes``, ``difficult_boxes``, ``classes`` (name -> box count,
+    every class, zero included), ``splits`` (name -> ``{"images", "boxes"}``), ``split_source``,
+    ``image_sizes`` (``[{"width", "height", "count"}]``, most common first), ``box_sizes``
+    (``{"width": {"min", "median", "max"}, "height": {...}}`` in pixels, ``None`` without boxes),
+    ``problems`` (every :meth:`Problem.to_dict`), ``problem_counts`` (kind -> count).
+    """
+    records = index.all_records()
+    num_classes = len(index.class_names)
+    per_class = np.zeros(num_classes, dtype=np.int64)
+    for record in records:
+        per_class += np.bincount(record.labels, minlength=num_classes)
+    boxes = np.concatenate([r.boxes for r in records]) if records else np.zeros((0, 4), np.float32)  # [B, 4]
+    sizes = Counter((r.width, r.height) for r in records)
+    return {
+        "path": str(index.root),
+        "format": index.format,
+        "class_names": list(index.class_names),
+        "images": len(records),
+        "images_without_boxes": sum(1 for r in records if len(r.labels) == 0),
+        "boxes": int(per_class.sum()),
+        "difficult_boxes": int(sum(r.difficult.sum() for r in records)),
+        "classes": {name: int(count) for name, count in zip(index.class_names, per_class)},
+        "splits": {
+            name: {"images": len(split), "boxes": int(sum(len(r.labels) for r in split))}
+            for name, split in index.splits.items()
+        },
+        "split_source": index.split_source,
+        "image_sizes": [{"width": w, "height": h, "count": n} for (w, h), n in sizes.most_common()],
+        "box_sizes": None if len(boxes) == 0 else {
+            "width": _stats(boxes[:, 2] - boxes[:, 0]),
+            "height": _stats(boxes[:, 3] - boxes[:, 1]),
+        },
+        "problems": [p.to_dict() for p in index.problems],
+        "problem_counts": dict(Counter(p.kind for p in index.problems).most_common()),
+    }
+
+
+def render_summary(summary: dict, console: Console) -> None:
+    """Print a :func:`summarize` result as tables. User text (file names, messages) is printed
+    as plain text so brackets in it are not taken for rich markup."""
+    split_note = "the dataset's own" if summary["split_source"] == "dataset" else "seeded by kdet"
+    console.print(Text.assemble(
+        ("Dataset ", "bold"), (summary["path"], "bold cyan"), f"  ({summary['format'].upper()})\n",
+        f"{summary['images']} images ({summary['images_without_boxes']} without boxes), {summary['boxes']} boxes "
+        f"({summary['difficult_boxes']} difficult), {len(summary['classes'])} classes; splits: {split_note}",
+    ))
+
+    splits = Table(title="Splits", title_justify="left")
+    splits.add_column("split")
+    splits.add_column("images", justify="right")
+    splits.add_column("boxes", justify="right")
+    for name, counts in summary["splits"].items():
+        splits.add_row(Text(name), str(counts["images"]), str(counts["boxes"]))
+    console.print(splits)
+
+    classes = Table(title="Classes", title_justify="left")
+    classes.add_column("id", justify="right")
+    classes.add_column("class")
+    classes.add_column("boxes", justify="right")
+    for k, (name, count) in enumerate(summary["classes"].items()):
+        classes.add_row(str(k), Text(name), Text(str(count), style="red" if count == 0 else ""))
+    console.print(classes)
+
+    shapes = Table(title="Sizes (pixels)", title_justify="left")
+    shapes.add_column("")
+    shapes.add_column("value")
+    image_sizes = summary["image_sizes"]
+    shown = ", ".join(f"{s['width']}x{s['height']} ({s['count']})" for s in image_sizes[:5])
+    more = f", and {len(image_sizes) - 5} other sizes" if len(image_sizes) > 5 else ""
+    shapes.add_row("image sizes", (shown or "-") + more)
+    if summary["box_sizes"]:
+        for axis in ("width", "height"):
+            s = summary["box_sizes"][axis]
+            shapes.add_row(f"box {axis}", f"min {s['min']:g}, median {s['median']:g}, max {s['max']:g}")
+    console.print(shapes)
+
+    if not summary["problems"]:
+        console.print(Text("No problems found.", style="green"))
+        return
+    console.print(Text(f"{len(summary['problems'])} problem(s), by kind:", style="bold yellow"))
+    by_kind: dict[str, list[dict]] = {}
+    for problem in summary["problems"]:
+        by_kind.setdefault(problem["kind"], []).append(problem)
+    for kind, problems in by_kind.items():
+        table = Table(title=f"{kind} ({len(problems)})", title_justify="left")
+        table.add_column("where", overflow="fold")
+        table.add_column("problem", overflow="fold")
+        table.add_column("action", overflow="fold")
+        for problem in problems[:SHOWN_PER_KIND]:
+            where = problem["file"] + (f":{problem['line']}" if "line" in problem else "")
+            table.add_row(Text(where), Text(problem["message"]), Text(problem["action"]))
+        console.print(table)
+        if len(problems) > SHOWN_PER_KIND:
+            console.print(Text(f"... and {len(problems) - SHOWN_PER_KIND} more {kind} problem(s); the full list is in --json"))

@@ -1,0 +1,80 @@
+"""VOC -> COCO / YOLO / VOC exports read back to the same boxes, labels, classes and splits."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kdet.data import detect_format, read_dataset
+from kdet.data.export import export_coco, export_voc, export_yolo
+
+from tiny_trees import tree  # noqa: F401  (a fixture)
+
+
+@pytest.fixture
+def voc_source(tree):
+    """Float coordinates, a difficult box, an image without boxes, an overlapping trainval
+    split, two images with the same file name in different folders, and a class order
+    that is not alphabetical."""
+    tree.text("classes.txt", "zebra\nant\n")
+    tree.image("JPEGImages/a.jpg")
+    tree.voc_xml("Annotations/a.xml", [("zebra", 1.25, 2.5, 20.75, 13.125), ("ant", 3, 4, 31, 23, 1)])
+    tree.image("JPEGImages/b.jpg")
+    tree.voc_xml("Annotations/b.xml", [("ant", 0.5, 0.5, 7.3, 9.9)])
+    tree.image("JPEGImages/c.jpg")
+    tree.voc_xml("Annotations/c.xml", [])
+    for name, ids in {"train": ["a", "b"], "val": ["c"], "trainval": ["a", "b", "c"]}.items():
+        tree.text(f"ImageSets/Main/{name}.txt", "".join(f"{i}\n" for i in ids))
+    return read_dataset(tree.root)
+
+
+def _by_stem(index):
+    return {r.path.stem: r for r in index.all_records()}
+
+
+@pytest.mark.parametrize("export, tolerance, keeps_difficult", [
+    (export_coco, 1e-3, True),
+    (export_yolo, 1e-2, False),
+    (export_voc, 1e-6, True),
+])
+@pytest.mark.parametrize("copy_images", [True, False])
+def test_round_trip(voc_source, tmp_path, export, tolerance, keeps_difficult, copy_images):
+    out = export(voc_source, tmp_path / "out", copy_images=copy_images)
+    back = read_dataset(out)
+
+    assert back.format == detect_format(out) == export.__name__.removeprefix("export_")
+    assert back.problems == []
+    assert back.class_names == voc_source.class_names == ["zebra", "ant"]
+    assert back.split_source == "dataset"
+    assert {k: sorted(r.path.stem for r in v) for k, v in back.splits.items()} == \
+        {k: sorted(r.path.stem for r in v) for k, v in voc_source.splits.items()}
+    source, copy = _by_stem(voc_source), _by_stem(back)
+    assert source.keys() == copy.keys()
+    for stem, record in source.items():
+        np.testing.assert_allclose(copy[stem].boxes, record.boxes, atol=tolerance, rtol=0)
+        assert copy[stem].labels.tolist() == record.labels.tolist()
+        assert (copy[stem].width, copy[stem].height) == (record.width, record.height)
+        if keeps_difficult:
+            assert copy[stem].difficult.tolist() == record.difficult.tolist()
+    image = next(out.rglob("a.jpg"))
+    assert image.is_symlink() == (not copy_images)
+
+
+def test_layouts_on_disk(voc_source, tmp_path):
+    coco = export_coco(voc_source, tmp_path / "coco")
+    assert sorted(p.name for p in coco.iterdir()) == ["train", "trainval", "valid"]
+    assert (coco / "valid" / "_annotations.coco.json").is_file() and (coco / "valid" / "c.jpg").is_file()
+    yolo = export_yolo(voc_source, tmp_path / "yolo")
+    assert (yolo / "data.yaml").is_file() and (yolo / "labels" / "train" / "a.txt").is_file()
+    assert not (yolo / "labels" / "val" / "c.txt").exists()  # no boxes: no label file
+    voc = export_voc(voc_source, tmp_path / "voc")
+    assert (voc / "ImageSets" / "Main" / "trainval.txt").read_text().split() == ["a", "b", "c"]
+
+
+def test_clashing_file_names_are_made_unique(tree, tmp_path):
+    for folder in ("x", "y"):
+        tree.image(f"{folder}/same.jpg")
+        tree.voc_xml(f"{folder}/same.xml", [("cat", 1, 1, 5, 5)])
+    index = read_dataset(tree.root)
+    back = read_dataset(export_yolo(index, tmp_path / "out"))
+    assert sorted(r.path.name for r in back.all_records()) == ["x__same.jpg", "y__same.jpg"]
+    assert back.problems == []
