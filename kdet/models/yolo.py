@@ -135,7 +135,7 @@ def decode_yolo(head: list[HeadLevel], *, score_thresh: float, nms_iou: float, m
     return [select_detections(boxes[i], scores[i], score_thresh, nms_iou, max_det) for i in range(len(boxes))]
 
 
-def select_detections(boxes: Tensor, scores: Tensor, score_thresh: float, nms_iou: float, max_det: int, pre_nms: int = 10000) -> Detections:
+def select_detections(boxes: Tensor, scores: Tensor, score_thresh: float, nms_iou: float, max_det: int, pre_nms: int = 2000) -> Detections:
     """From ``boxes [K, 4]`` and class scores ``[K, C]``: threshold, keep the ``pre_nms`` best
     (box, class) pairs, class-wise NMS, keep ``max_det``."""
     box_index, label = (scores > score_thresh).nonzero(as_tuple=True)

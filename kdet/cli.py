@@ -1,0 +1,257 @@
+"""The ``kdet`` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+console = Console(stderr=False, highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def _log(message: str) -> None:
+    console.print(message, markup=False, soft_wrap=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from .data import read_dataset, resolve_data_path
+    from .data.check import render_summary, summarize
+
+    index = read_dataset(resolve_data_path(args.path), args.format, verify_images=True)
+    summary = summarize(index)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        render_summary(summary, console)
+    return 0
+
+
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    from .data import read_dataset, resolve_data_path
+    from .data.export import export_coco, export_voc, export_yolo
+
+    index = read_dataset(resolve_data_path(args.path), args.format)
+    writer = {"coco": export_coco, "yolo": export_yolo, "voc": export_voc}[args.to]
+    out = writer(index, args.out)
+    _log(f"wrote {args.to.upper()} copy of {index.root} ({sum(len(r) for r in index.splits.values())} images) to {out}")
+    if index.problems:
+        _log(f"{len(index.problems)} problem(s) in the source were handled as `kdet data check` reports them")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# train / eval / predict / profile
+# ---------------------------------------------------------------------------------------------
+def default_run_dir(config_path: str | None, name: str = "run") -> Path:
+    stem = Path(config_path).stem if config_path else name
+    base = Path("runs") / stem
+    candidate, n = base, 2
+    while (candidate / "last.pt").exists():
+        candidate, n = Path(f"{base}-{n}"), n + 1
+    return candidate
+
+
+def config_path(name: str) -> Path:
+    """A config file, or the name of a recipe shipped in kdet/configs (``bccd_teacher``)."""
+    from .demo import packaged_config
+
+    path = Path(name)
+    return path if path.exists() or path.suffix in (".yaml", ".yml") else packaged_config(name)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .engine.trainer import train
+
+    config = load_config(config_path(args.config), args.set)
+    if args.resume and not args.out:
+        raise ValueError("--resume needs --out RUN_DIR: the run to continue")
+    out = Path(args.out) if args.out else default_run_dir(args.config)
+    _log(f"run directory: {out}")
+    train(config, out, resume=args.resume, log=_log, progress=console.is_terminal)
+    return 0
+
+
+def _records_for_model(args: argparse.Namespace, class_names: list[str]):
+    """Read the evaluation data and map its classes onto the model's, by name."""
+    from .data import read_dataset, remap_classes, resolve_data_path
+
+    index = read_dataset(resolve_data_path(args.data), args.format)
+    records = index.split(args.split)
+    return remap_classes(records, index.class_names, class_names), index
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .engine.checkpoint import load_detector
+    from .engine.evaluate import evaluate_model
+    from .engine.metrics import format_metrics_table
+
+    model, payload = load_detector(args.checkpoint)
+    records, _ = _records_for_model(args, model.class_names)
+    metrics = evaluate_model(model, records, payload["input_size"], batch_size=args.batch_size,
+                             score_thresh=args.score_thresh, nms_iou=args.nms_iou)
+    if args.json:
+        print(json.dumps(metrics, indent=1))
+    else:
+        console.print(format_metrics_table(metrics, model.class_names))
+    return 0
+
+
+def _collect_images(inputs: list[str]) -> list[Path]:
+    images: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            images += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            images.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such image or folder")
+    if not images:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {', '.join(inputs)}")
+    return images
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .engine.checkpoint import load_detector
+    from .engine.predict import predict_images
+
+    model, payload = load_detector(args.checkpoint)
+    images = _collect_images(args.inputs)
+    out = Path(args.out)
+    results = predict_images(model, images, payload["input_size"], out, score_thresh=args.score_thresh, nms_iou=args.nms_iou)
+    total = sum(len(r["detections"]) for r in results)
+    _log(f"{len(results)} image(s), {total} detection(s) at score >= {args.score_thresh}: drawn in {out}, listed in {out / 'predictions.json'}")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from .engine.profile import profile_model
+
+    model, input_size = _model_from_checkpoint_or_config(args.model, args.set, args.num_classes)
+    size = args.input_size or input_size
+    profile = profile_model(model, size, runs=args.runs, threads=args.threads)
+    if args.json:
+        print(json.dumps(profile.__dict__, indent=1))
+    else:
+        _log(f"parameters {profile.params / 1e6:.2f}M, FLOPs {profile.flops / 1e9:.2f}G at {size}px, "
+             f"CPU latency {profile.latency_ms_median:.1f} ms/image (batch 1, {profile.threads} threads, median of {args.runs})")
+    return 0
+
+
+def _model_from_checkpoint_or_config(path: str, overrides: list[str], num_classes: int):
+    """A trained checkpoint, or an untrained model built from a config's ``model`` section
+    (default anchors, ``num_classes`` placeholder classes) for sizing before training."""
+    from .engine.checkpoint import load_detector
+
+    if path.endswith((".yaml", ".yml")):
+        from .config import load_config
+        from .models import build_model
+
+        config = load_config(path, overrides, base={"data": {"path": "unused"}})
+        model_config = config.model
+        if model_config.anchors == "auto":
+            model_config = model_config.model_copy(update={"anchors": "default"})
+        names = [f"class{i}" for i in range(num_classes)]
+        return build_model(model_config, names, config.data.input_size).eval(), config.data.input_size
+    model, payload = load_detector(path)
+    return model, payload["input_size"]
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), epochs=args.epochs, log=_log, progress=console.is_terminal)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdet",
+        description="Knowledge distillation for object detectors: train and evaluate detectors on VOC, COCO or YOLO data.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="inspect or convert a dataset").add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    check = data.add_parser("check", help="read a dataset and report its contents and every problem found")
+    check.add_argument("path", help="dataset folder, or bundled:bccd")
+    check.add_argument("--format", default="auto", choices=["auto", "voc", "coco", "yolo"])
+    check.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    check.set_defaults(func=cmd_data_check)
+    convert = data.add_parser("convert", help="write a copy of a dataset in another format")
+    convert.add_argument("path")
+    convert.add_argument("--format", default="auto", choices=["auto", "voc", "coco", "yolo"], help="input format")
+    convert.add_argument("--to", required=True, choices=["voc", "coco", "yolo"])
+    convert.add_argument("--out", required=True)
+    convert.set_defaults(func=cmd_data_convert)
+
+    train = sub.add_parser("train", help="train a detector from a YAML config")
+    train.add_argument("config")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.epochs=10 (repeatable)")
+    train.add_argument("--out", help="run directory (default: runs/<config name>)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="COCO AP@[.5:.95]/AP50/AP75/APs/m/l and VOC mAP@0.5 (11-point, all-point), per class")
+    evaluate.add_argument("checkpoint")
+    evaluate.add_argument("--data", required=True, help="dataset folder, or bundled:bccd")
+    evaluate.add_argument("--format", default="auto", choices=["auto", "voc", "coco", "yolo"])
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--score-thresh", type=float, default=0.001)
+    evaluate.add_argument("--nms-iou", type=float, default=0.6)
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(func=cmd_eval)
+
+    predict = sub.add_parser("predict", help="draw a checkpoint's detections on images")
+    predict.add_argument("checkpoint")
+    predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    predict.add_argument("--out", required=True)
+    predict.add_argument("--score-thresh", type=float, default=0.25)
+    predict.add_argument("--nms-iou", type=float, default=0.6)
+    predict.set_defaults(func=cmd_predict)
+
+    profile = sub.add_parser("profile", help="parameters, FLOPs and CPU latency of a checkpoint or a model config")
+    profile.add_argument("model", help="a checkpoint (.pt) or a config (.yaml)")
+    profile.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    profile.add_argument("--input-size", type=int)
+    profile.add_argument("--num-classes", type=int, default=3, help="classes of a model built from a config (default 3)")
+    profile.add_argument("--threads", type=int)
+    profile.add_argument("--runs", type=int, default=20)
+    profile.add_argument("--json", action="store_true")
+    profile.set_defaults(func=cmd_profile)
+
+    demo = sub.add_parser("demo", help="train a small detector on the bundled BCCD data and evaluate it")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--epochs", type=int, help="override the demo's number of epochs")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; a training run can be continued with --resume")
+        return 130
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        print(f"kdet {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
