@@ -61,3 +61,14 @@ def tiny_config_dict(data_path: Path, **train) -> dict:
         "train": {"epochs": 2, "batch_size": 4, "lr": 0.005, "warmup_epochs": 0.5, "threads": 1, **train},
         "eval": {"batch_size": 4},
     }
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tiny models gain nothing from several threads; one keeps timings steady on shared CPUs."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

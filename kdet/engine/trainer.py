@@ -139,7 +139,7 @@ def check_finite(losses: dict[str, torch.Tensor], total: torch.Tensor, epoch: in
     if not torch.isfinite(total):
         values = {k: v.item() for k, v in losses.items()}
         raise FloatingPointError(
-            f"loss became {float(total)} at epoch {epoch}, step {step}; loss terms: {values}. "
+            f"loss became {total.item()} at epoch {epoch}, step {step}; loss terms: {values}. "
             f"Lower train.lr, check the data with `kdet data check`, or set train.grad_clip."
         )
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from ..losses.yolo import YOLOv5Loss
 from ..structures import Detections, DetectorOutput, FeatureMap, HeadLevel, Targets
@@ -106,7 +106,9 @@ class YOLODetector(Detector):
             output.losses = losses
             output.loss = sum(losses[k] * weights[k] for k in losses)
         if decode:
-            output.detections = decode_yolo(head, score_thresh=score_thresh, nms_iou=nms_iou, max_det=max_det)
+            output.detections = decode_yolo(
+                head, tuple(images.shape[-2:]), score_thresh=score_thresh, nms_iou=nms_iou, max_det=max_det
+            )
         return output
 
 
@@ -126,11 +128,13 @@ def level_boxes_and_scores(level: HeadLevel) -> tuple[Tensor, Tensor]:
     return flat(boxes), flat(scores)
 
 
-def decode_yolo(head: list[HeadLevel], *, score_thresh: float, nms_iou: float, max_det: int) -> list[Detections]:
-    """Boxes of every level, every class above ``score_thresh`` (a box may carry several
-    classes), class-wise NMS, at most ``max_det`` per image."""
+def decode_yolo(
+    head: list[HeadLevel], image_size: tuple[int, int], *, score_thresh: float, nms_iou: float, max_det: int
+) -> list[Detections]:
+    """Boxes of every level clipped to the ``(H, W)`` input, every class above ``score_thresh``
+    (a box may carry several classes), class-wise NMS, at most ``max_det`` per image."""
     decoded = [level_boxes_and_scores(level) for level in head]
-    boxes = torch.cat([b for b, _ in decoded], 1)  # [N, K, 4]
+    boxes = clip_boxes_to_image(torch.cat([b for b, _ in decoded], 1), image_size)  # [N, K, 4]
     scores = torch.cat([s for _, s in decoded], 1)  # [N, K, C]
     return [select_detections(boxes[i], scores[i], score_thresh, nms_iou, max_det) for i in range(len(boxes))]
 
