@@ -13,14 +13,6 @@ from kdet.engine.profile import ModelProfile, count_flops, count_parameters, mea
 from kdet.models import MODELS, build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from several threads, and on a machine shared with other work
-    torch's threads spin waiting for each other (a 3 s test took 30 s with 2 threads)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def tiny_model(family: str) -> nn.Module:

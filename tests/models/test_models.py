@@ -21,14 +21,6 @@ from kdet.structures import Detections
 CLASS_NAMES = ["cell", "platelet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from several threads, and on a machine shared with other work
-    torch's threads spin waiting for each other (a 3 s test took 30 s with 2 threads)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 # every family x two small backbones, and one family on resnet18
 CASES = [(family, backbone) for family in MODELS.names() for backbone in ("cspdarknet", "mobilenet_v3_small")]
