@@ -32,19 +32,25 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         raise
 
 
-def model_payload(model: Detector, model_config: ModelConfig, input_size: int, *, half: bool = False, extra: dict | None = None) -> dict:
+def model_payload(model: Detector, model_config: ModelConfig, input_size: int, *, extra: dict | None = None) -> dict:
     """What is needed to rebuild and run ``model``: its resolved config, classes, input size and weights."""
-    state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in model.state_dict().items()}
     payload = {
         "format": FORMAT,
         "kdet_version": __version__,
         "model_config": model_config.model_dump(mode="json"),
         "class_names": list(model.class_names),
         "input_size": input_size,
-        "state_dict": state,
+        "state_dict": model.state_dict(),
     }
     payload.update(extra or {})
     return payload
+
+
+def half_precision(payload: dict) -> dict:
+    """A copy of a detector checkpoint with fp16 weights: half the size on disk;
+    :func:`load_detector` casts them back to fp32."""
+    state = {k: v.half() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+    return {**payload, "state_dict": state}
 
 
 def load_checkpoint(path: str | Path) -> dict:

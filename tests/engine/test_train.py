@@ -5,7 +5,7 @@ import torch
 import yaml
 
 from kdet.config import ConfigError, validate_config
-from kdet.engine.checkpoint import load_detector
+from kdet.engine.checkpoint import half_precision, load_checkpoint, load_detector, save_atomic
 from kdet.engine.trainer import train
 from kdet.losses.yolo import YOLOv5Loss
 
@@ -27,6 +27,15 @@ def test_run_directory_holds_everything(shapes_voc, tmp_path):
     assert results["split"] == "test" and results["profile"]["params"] > 0
     model, payload = load_detector(out / "best.pt")
     assert model.class_names == ["bar", "square"] and payload["input_size"] == 64
+
+    # a fp16 copy loads back as fp32 and predicts (nearly) the same maps
+    save_atomic(half_precision(load_checkpoint(out / "best.pt")), out / "half.pt")
+    assert (out / "half.pt").stat().st_size < 0.6 * (out / "best.pt").stat().st_size
+    half, _ = load_detector(out / "half.pt")
+    images = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        a, b = model(images).head[0].cls_logits, half(images).head[0].cls_logits
+    assert b.dtype == torch.float32 and torch.allclose(a, b, atol=0.05)
 
 
 def test_interrupted_run_resumes_to_identical_weights(shapes_voc, tmp_path, monkeypatch):
