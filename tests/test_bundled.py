@@ -2,7 +2,7 @@
 from kdet.data import read_dataset
 from kdet.engine.checkpoint import load_detector
 from kdet.engine.evaluate import evaluate_model
-from kdet.models import BUNDLED_MODELS
+from kdet.bundled import BUNDLED_MODELS
 
 
 def test_bundled_teacher_detects_blood_cells():

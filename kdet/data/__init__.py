@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..bundled import BUNDLED_DATASETS, resolve_bundled
 from ..structures import DatasetIndex, ImageRecord
 from .coco import find_annotation_files, read_coco
 from .common import DataError, check_fractions
@@ -29,23 +30,16 @@ __all__ = [
 ]
 
 FORMATS = ("voc", "coco", "yolo")
-BUNDLED = {"bccd": "bccd"}  # name after "bundled:" -> folder in kdet/assets
 
 
 def bundled_bccd_path() -> Path:
     """The half-resolution BCCD copy shipped with kdet (VOC layout, 364 images, 320x240)."""
-    return Path(__file__).resolve().parent.parent / "assets" / "bccd"
+    return BUNDLED_DATASETS["bccd"]
 
 
 def resolve_data_path(path: str | Path) -> Path:
     """``bundled:bccd`` -> the bundled copy; anything else -> that path (``~`` expanded)."""
-    text = str(path)
-    if text.startswith("bundled:"):
-        name = text.removeprefix("bundled:")
-        if name not in BUNDLED:
-            raise DataError(f"unknown bundled dataset {text!r}; bundled datasets: {', '.join('bundled:' + n for n in BUNDLED)}")
-        return bundled_bccd_path()
-    return Path(text).expanduser()
+    return resolve_bundled(path, BUNDLED_DATASETS, "dataset", DataError)
 
 
 def detect_format(path: str | Path) -> str:

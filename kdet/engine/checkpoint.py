@@ -10,7 +10,8 @@ import torch
 
 from .. import __version__
 from ..config import ModelConfig
-from ..models import BUNDLED_MODELS, Detector, build_model
+from ..bundled import BUNDLED_MODELS, resolve_bundled
+from ..models import Detector, build_model
 
 FORMAT = "kdet-detector/1"
 
@@ -56,20 +57,9 @@ def half_precision(payload: dict) -> dict:
     return {**payload, "state_dict": state}
 
 
-def resolve_checkpoint_path(path: str | Path) -> Path:
-    """``bundled:NAME`` -> a checkpoint shipped with kdet; anything else -> that path."""
-    text = str(path)
-    if text.startswith("bundled:"):
-        name = text.removeprefix("bundled:")
-        if name not in BUNDLED_MODELS:
-            raise FileNotFoundError(f"no bundled checkpoint {name!r}; bundled: {', '.join('bundled:' + n for n in BUNDLED_MODELS)}")
-        return BUNDLED_MODELS[name]
-    return Path(text)
-
-
 def load_checkpoint(path: str | Path) -> dict:
     """Read a kdet detector checkpoint (a path or ``bundled:NAME``)."""
-    path = resolve_checkpoint_path(path)
+    path = resolve_bundled(path, BUNDLED_MODELS, "checkpoint")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
     try:

@@ -1,7 +1,6 @@
 """Detectors: the built-in YOLO family and torchvision's FCOS, behind one interface."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 from ..config import ModelConfig
@@ -13,9 +12,6 @@ from .detector import Detector, LevelSpec, ModelSpec
 from .yolo import YOLODetector
 
 MODELS: Registry[Callable[..., Detector]] = Registry("model family")
-
-# trained checkpoints shipped with kdet (fp16 weights; see BENCHMARKS.md for how each was made)
-BUNDLED_MODELS = {"bccd_teacher": Path(__file__).resolve().parent.parent / "assets" / "models" / "bccd_teacher.pt"}
 
 
 @MODELS.register("yolo")
@@ -40,4 +36,4 @@ def build_model(config: ModelConfig, class_names: list[str], input_size: int) ->
 # families defined in their own modules register themselves on import
 from . import fcos  # noqa: E402,F401
 
-__all__ = ["BUNDLED_MODELS", "MODELS", "Detector", "LevelSpec", "ModelSpec", "YOLODetector", "build_model"]
+__all__ = ["MODELS", "Detector", "LevelSpec", "ModelSpec", "YOLODetector", "build_model"]
