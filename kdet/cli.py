@@ -41,7 +41,7 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
     index = read_dataset(resolve_data_path(args.path), args.format)
     writer = {"coco": export_coco, "yolo": export_yolo, "voc": export_voc}[args.to]
     out = writer(index, args.out)
-    _log(f"wrote {args.to.upper()} copy of {index.root} ({sum(len(r) for r in index.splits.values())} images) to {out}")
+    _log(f"wrote {args.to.upper()} copy of {index.root} ({len(index.all_records())} images, splits {', '.join(index.splits)}) to {out}")
     if index.problems:
         _log(f"{len(index.problems)} problem(s) in the source were handled as `kdet data check` reports them")
     return 0
