@@ -2,7 +2,9 @@
 
 What is written is what the index holds after reading: problems already handled (clipped boxes,
 dropped zero-size boxes, skipped images) stay handled, so a converted copy reads back clean.
-Every split is written, including overlapping ones such as VOC's ``trainval``.
+A split made only of images that other splits hold (VOC's ``trainval``) is not copied a second
+time: YOLO lists its images in ``<split>.txt``, VOC in ``ImageSets/Main``; COCO, which has no
+way to share images between split folders, leaves it out (re-create it from its parts).
 
 Image files keep their names when those are unique over the whole dataset; otherwise the image
 id with ``/`` replaced by ``__`` is used. ``copy_images=False`` links the images (symlinks)
@@ -60,6 +62,21 @@ def _coord(value: float) -> str:
 # ---------------------------------------------------------------------------------------------
 # COCO
 # ---------------------------------------------------------------------------------------------
+def union_splits(index: DatasetIndex) -> set[str]:
+    """Splits whose every image is also in another split kept for export (e.g. ``trainval``).
+    The largest are considered first, so ``train`` and ``val`` are kept and ``trainval`` is not."""
+    kept: dict[str, set[str]] = {}
+    unions: set[str] = set()
+    for split in sorted(index.splits, key=lambda name: -len(index.splits[name])):
+        ids = {r.image_id for r in index.splits[split]}
+        others = set().union(*(set(r.image_id for r in index.splits[o]) for o in index.splits if o != split and o not in unions))
+        if ids and ids <= others:
+            unions.add(split)
+        else:
+            kept[split] = ids
+    return unions
+
+
 def export_coco(index: DatasetIndex, out_dir: str | Path, *, copy_images: bool = True) -> Path:
     """Roboflow-style COCO: ``out/<split>/_annotations.coco.json`` with the images beside it
     (``valid`` for the val split). Category ids are 1..C in ``class_names`` order, boxes
@@ -68,7 +85,10 @@ def export_coco(index: DatasetIndex, out_dir: str | Path, *, copy_images: bool =
     out = Path(out_dir)
     names = _file_names(index.all_records())
     categories = [{"id": k + 1, "name": name, "supercategory": name} for k, name in enumerate(index.class_names)]
+    skipped = union_splits(index)
     for split, records in index.splits.items():
+        if split in skipped:
+            continue
         folder = out / COCO_FOLDER.get(split, split)
         folder.mkdir(parents=True, exist_ok=True)
         images, annotations = [], []
@@ -102,7 +122,13 @@ def export_yolo(index: DatasetIndex, out_dir: str | Path, *, copy_images: bool =
     ``data.yaml`` (Ultralytics ignores it, kdet reads it). Returns ``out_dir``."""
     out = Path(out_dir)
     names = _file_names(index.all_records())
+    listed = union_splits(index)
+    where: dict[str, str] = {}  # image id -> its path relative to out
     for split, records in index.splits.items():
+        if split in listed:
+            continue
+        for record in records:
+            where.setdefault(record.image_id, f"images/{split}/{names[record.image_id]}")
         label_dir = out / "labels" / split
         label_dir.mkdir(parents=True, exist_ok=True)
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
@@ -123,7 +149,10 @@ def export_yolo(index: DatasetIndex, out_dir: str | Path, *, copy_images: bool =
         "# No 'path' key: split folders are relative to this file's folder (Ultralytics does the same).\n"
     )
     body = {"names": dict(enumerate(index.class_names)), "nc": len(index.class_names)}
-    body.update({split: f"images/{split}" for split in index.splits})
+    body.update({split: f"images/{split}" for split in index.splits if split not in listed})
+    for split in listed:
+        (out / f"{split}.txt").write_text("".join(f"./{where[r.image_id]}\n" for r in index.splits[split]), encoding="utf-8")
+        body[split] = f"{split}.txt"
     (out / "data.yaml").write_text(header + yaml.safe_dump(body, sort_keys=False, allow_unicode=True), encoding="utf-8")
     return out
 

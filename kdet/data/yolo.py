@@ -128,7 +128,8 @@ def _resolve(entry: str, base: Path, yaml_dir: Path) -> Path | None:
 def _extra_split_target(key: Any, entry: Any, base: Path) -> Path | None:
     """A key other than train/val/test is an extra split (e.g. ``trainval`` written by
     :func:`kdet.data.export.export_yolo`) only when its value is one path to an existing folder
-    under the dataset root; every other key (``download``, ``roboflow``...) is left alone."""
+    or ``.txt`` image list under the dataset root; every other key (``download``, ``roboflow``...)
+    is left alone."""
     if key in YAML_SPLIT_KEYS or key in NON_SPLIT_KEYS or not isinstance(key, str) or not isinstance(entry, str):
         return None
     if "\n" in entry or len(entry) > 200 or "://" in entry:
@@ -136,7 +137,8 @@ def _extra_split_target(key: Any, entry: Any, base: Path) -> Path | None:
     target = base / entry
     try:
         inside = target.resolve().is_relative_to(base.resolve())
-        return target if inside and target.is_dir() else None
+        listed = target.is_file() and target.suffix.lower() == ".txt"
+        return target if inside and (target.is_dir() or listed) else None
     except OSError:
         return None
 
