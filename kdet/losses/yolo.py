@@ -82,11 +82,12 @@ def assign_targets(level: HeadLevel, targets: Tensor, anchor_threshold: float) -
 
 
 def decode_cell_boxes(raw: Tensor, anchor_wh: Tensor) -> Tensor:
-    """YOLOv5 parameterisation: raw ``[n, 4]`` -> ``cx, cy`` relative to the cell and ``w, h``
-    in grid units. Centre in ``(-0.5, 1.5)``, size in ``(0, 4)`` anchors."""
-    xy = raw[:, :2].sigmoid() * 2 - 0.5
-    wh = (raw[:, 2:].sigmoid() * 2) ** 2 * anchor_wh
-    return torch.cat([xy, wh], 1)
+    """YOLOv5 parameterisation: raw ``[..., 4]`` -> ``cx, cy`` relative to the cell and ``w, h``
+    in the units of ``anchor_wh`` (broadcast against ``[..., 2]``). Centre in ``(-0.5, 1.5)``,
+    size in ``(0, 4)`` anchors. Shared by the loss and the decoder."""
+    xy = raw[..., :2].sigmoid() * 2 - 0.5
+    wh = (raw[..., 2:].sigmoid() * 2) ** 2 * anchor_wh
+    return torch.cat([xy, wh], -1)
 
 
 class YOLOv5Loss:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
-from ..losses.yolo import YOLOv5Loss
+from ..losses.yolo import YOLOv5Loss, decode_cell_boxes
 from ..structures import Detections, DetectorOutput, FeatureMap, HeadLevel, Targets
 from .backbones import Backbone
 from .detector import Detector
@@ -118,14 +118,14 @@ def level_boxes_and_scores(level: HeadLevel) -> tuple[Tensor, Tensor]:
     n, a, _, h, w = level.box.shape
     device = level.box.device
     ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-    grid = torch.stack([xs, ys], 0).to(level.box.dtype)  # [2, H, W]
-    raw = level.box.sigmoid()
-    xy = (raw[:, :, :2] * 2 - 0.5 + grid) * level.stride
-    wh = (raw[:, :, 2:] * 2) ** 2 * level.anchors.to(device).view(1, a, 2, 1, 1)
-    boxes = torch.cat([xy - wh / 2, xy + wh / 2], 2)  # [N, A, 4, H, W]
+    grid = torch.stack([xs, ys], -1).to(level.box.dtype)  # [H, W, 2]
+    raw = level.box.permute(0, 1, 3, 4, 2)  # [N, A, H, W, 4]
+    cell = decode_cell_boxes(raw, level.anchors.to(device).view(1, a, 1, 1, 2))  # size in pixels
+    xy = (cell[..., :2] + grid) * level.stride
+    wh = cell[..., 2:]
+    boxes = torch.cat([xy - wh / 2, xy + wh / 2], -1).reshape(n, a * h * w, 4)
     scores = level.score.sigmoid() * level.cls_logits.sigmoid()  # [N, A, C, H, W]
-    flat = lambda t: t.permute(0, 1, 3, 4, 2).reshape(n, a * h * w, t.shape[2])  # noqa: E731
-    return flat(boxes), flat(scores)
+    return boxes, scores.permute(0, 1, 3, 4, 2).reshape(n, a * h * w, scores.shape[2])
 
 
 def decode_yolo(
