@@ -144,6 +144,11 @@ def check_finite(losses: dict[str, torch.Tensor], total: torch.Tensor, epoch: in
         )
 
 
+def eval_settings(config: Config) -> dict:
+    """Keyword arguments of :func:`~kdet.engine.evaluate.evaluate_model` from ``config.eval``."""
+    return config.eval.model_dump()
+
+
 def rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
@@ -244,8 +249,7 @@ def train(config: Config, out_dir: str | Path, *, resume: bool = False, log: Log
     log(f"model: {model_config.family}/{model_config.backbone}-{model_config.size}, {params / 1e6:.2f}M parameters; "
         f"{len(train_set)} train / {len(val_set)} val images at {size}px on {device}")
     metrics_path = out_dir / "metrics.jsonl"
-    eval_kwargs = dict(batch_size=config.eval.batch_size, score_thresh=config.eval.score_thresh,
-                       nms_iou=config.eval.nms_iou, max_det=config.eval.max_det)
+    eval_kwargs = eval_settings(config)
 
     for epoch in range(state.epoch + 1, config.train.epochs + 1):
         model.train()
@@ -315,8 +319,7 @@ def finish_run(out_dir: Path, config: Config, index: DatasetIndex, log: Log) -> 
 
     model, payload = load_detector(out_dir / "best.pt")
     split = config.data.test_split if config.data.test_split in index.splits else config.data.val_split
-    metrics = evaluate_model(model, index.split(split), config.data.input_size, batch_size=config.eval.batch_size,
-                             score_thresh=config.eval.score_thresh, nms_iou=config.eval.nms_iou, max_det=config.eval.max_det)
+    metrics = evaluate_model(model, index.split(split), config.data.input_size, **eval_settings(config))
     profile = profile_model(model, config.data.input_size, threads=config.train.threads)
     history = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     results = {
