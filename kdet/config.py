@@ -107,10 +107,50 @@ class Config(Strict):
 
 
 # ---------------------------------------------------------------------------------------------
+# Distillation: a training config (``model`` is the student) plus a teacher and loss terms
+# ---------------------------------------------------------------------------------------------
+class TeacherConfig(Strict):
+    checkpoint: str | None = Field(None, description="kdet checkpoint of the teacher (a path or bundled:NAME)")
+    model: ModelConfig | None = Field(None, description="teacher architecture, when its weights are a plain state dict")
+    weights: str | None = Field(None, description="state dict file for teacher.model")
+    input_size: int | None = Field(None, description="input size the teacher was trained at (checkpoints record it)")
+
+
+class TermConfig(Strict):
+    loss: str = Field(..., description="l2_logits, kl, objectness_scaled, fitnet")
+    weight: float = Field(1.0, ge=0)
+    student: str = Field("head", description="'head', a feature name such as neck.p3, or 'neck'/'backbone' for every level")
+    teacher: str | None = Field(None, description="teacher output to read; defaults to the same name as student")
+    connector: Literal["auto", "conv", "converter", "none"] = Field(
+        "auto", description="feature terms: 1x1 conv, or conv+BN+ReLU6 (FitNets converter); auto: the loss's choice"
+    )
+    resample: bool = Field(False, description="feature terms: resize the student map to the teacher's grid when strides differ")
+    enabled: bool = True
+    args: dict[str, Any] = Field(default_factory=dict, description="the loss's own arguments")
+
+
+class DistillSettings(Strict):
+    hard_weight: float = Field(1.0, ge=0, description="weight of the student's own detection loss on the labels")
+    response: bool = Field(True, description="switch every response (head output) term on or off")
+    features: bool = Field(True, description="switch every feature term on or off")
+    terms: list[TermConfig] = Field(default_factory=list)
+
+
+class DistillConfig(Config):
+    """A training config whose ``model`` is the student, with a frozen teacher."""
+
+    teacher: TeacherConfig
+    distill: DistillSettings = DistillSettings()
+
+
+# ---------------------------------------------------------------------------------------------
 # Loading, overriding and error messages
 # ---------------------------------------------------------------------------------------------
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *, base: dict | None = None) -> Config:
-    """Read ``path`` (YAML), apply ``key=value`` overrides, validate. Raises :class:`ConfigError`."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, *, base: dict | None = None, schema: type[Config] = Config
+) -> Config:
+    """Read ``path`` (YAML), apply ``key=value`` overrides, validate against ``schema``
+    (:class:`Config`, or :class:`DistillConfig` for ``kdet distill``). Raises :class:`ConfigError`."""
     raw: dict[str, Any] = dict(base or {})
     lines: dict[tuple, int] = {}
     source = "config"
@@ -136,28 +176,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         parts = tuple(key.strip().split("."))
         _set_path(raw, parts, yaml.safe_load(value))
         overridden.add(parts)
-    return validate_config(raw, source=source, lines=lines, overridden=overridden)
+    return validate_config(raw, source=source, lines=lines, overridden=overridden, schema=schema)
 
 
-def validate_config(raw: dict, *, source: str = "config", lines: dict | None = None, overridden: set | None = None) -> Config:
+def validate_config(
+    raw: dict, *, source: str = "config", lines: dict | None = None, overridden: set | None = None, schema: type[Config] = Config
+) -> Config:
     try:
-        return Config.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(_explain(error, source, lines or {}, overridden or set())) from None
+        raise ConfigError(_explain(error, source, lines or {}, overridden or set(), schema)) from None
 
 
 def config_to_dict(config: Config) -> dict:
     return config.model_dump(mode="json")
 
 
-def _explain(error: ValidationError, source: str, lines: dict, overridden: set) -> str:
+def _explain(error: ValidationError, source: str, lines: dict, overridden: set, schema: type[BaseModel] = Config) -> str:
     messages = []
     for item in error.errors():
         loc = tuple(str(p) for p in item["loc"])
         dotted = ".".join(loc)
         where = _where(loc, source, lines, overridden)
         if item["type"] == "extra_forbidden":
-            valid = _valid_keys(loc[:-1])
+            valid = _valid_keys(loc[:-1], schema)
             close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
             hint = f" Did you mean {'.'.join(loc[:-1] + (close[0],))!r}?" if close else ""
             messages.append(f"{where}unknown key {dotted!r}.{hint} Valid keys here: {', '.join(valid)}.")
@@ -177,14 +219,28 @@ def _where(loc: tuple, source: str, lines: dict, overridden: set) -> str:
     return f"{source}: "
 
 
-def _valid_keys(loc: tuple) -> list[str]:
-    model: type[BaseModel] = Config
+def _valid_keys(loc: tuple, schema: type[BaseModel] = Config) -> list[str]:
+    model: type[BaseModel] = schema
     for part in loc:
+        if part.isdigit():  # an item of a list of models (distill.terms.0)
+            continue
         field = model.model_fields.get(part)
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        inner = _model_type(field.annotation) if field is not None else None
+        if inner is None:
             return []
-        model = field.annotation
+        model = inner
     return list(model.model_fields)
+
+
+def _model_type(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside ``annotation`` (``M``, ``M | None``, ``list[M]``), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_type(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def _key_lines(text: str) -> dict[tuple, int]:
@@ -197,6 +253,11 @@ def _key_lines(text: str) -> dict[tuple, int]:
                 path = prefix + (str(key_node.value),)
                 out[path] = key_node.start_mark.line + 1
                 walk(value_node, path)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                path = prefix + (str(index),)
+                out[path] = item.start_mark.line + 1
+                walk(item, path)
 
     root = yaml.compose(text)
     if root is not None:

@@ -34,6 +34,24 @@ from .evaluate import evaluate_model
 Log = Callable[[str], None]
 
 
+class Objective(nn.Module):
+    """What a run minimises, when it is more than the detector's own loss (a distiller).
+
+    Called as ``objective(model, images, targets) -> (loss, loss terms)``. Its trainable
+    parameters are optimised with the model's; :meth:`state_dict_to_save` goes into ``last.pt``
+    and is restored on resume.
+    """
+
+    def state_dict_to_save(self) -> dict:
+        return self.state_dict()
+
+    def load_saved_state(self, state: dict) -> None:
+        self.load_state_dict(state)
+
+
+ObjectiveFactory = Callable[[Detector, DatasetIndex, Log], Objective]
+
+
 # ---------------------------------------------------------------------------------------------
 # Pieces a training run (and a distillation run) is made of
 # ---------------------------------------------------------------------------------------------
@@ -196,10 +214,19 @@ class RunState:
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
-def train(config: Config, out_dir: str | Path, *, resume: bool = False, log: Log = print, progress: bool = True) -> dict:
+def train(
+    config: Config,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    log: Log = print,
+    progress: bool = True,
+    objective: ObjectiveFactory | None = None,
+) -> dict:
     """Train ``config`` into ``out_dir``; with ``resume`` continue from ``out_dir/last.pt``.
 
-    Returns the content of ``results.json``.
+    ``objective`` builds what is minimised from the model and the data (a distiller); by default
+    the model's own loss. Returns the content of ``results.json``.
     """
     out_dir = Path(out_dir)
     last_path = out_dir / "last.pt"
@@ -208,7 +235,7 @@ def train(config: Config, out_dir: str | Path, *, resume: bool = False, log: Log
         if not last_path.is_file():
             raise FileNotFoundError(f"--resume: {last_path} not found; start a new run without --resume")
         saved = torch.load(last_path, map_location="cpu", weights_only=False)
-        check_resume_config(config, Config.model_validate(saved["config"]))
+        check_resume_config(config, type(config).model_validate(saved["config"]))
     elif last_path.exists():
         raise FileExistsError(f"{out_dir} already holds a run (last.pt); pass --resume to continue it or choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -230,13 +257,18 @@ def train(config: Config, out_dir: str | Path, *, resume: bool = False, log: Log
     train_set = DetectionDataset(index.split(config.data.train_split), size, augment=config.data.augment, cache=config.data.cache_images)
     val_set = DetectionDataset(index.split(config.data.val_split), size, augment=None, cache=config.data.cache_images)
     steps_per_epoch = max(1, len(train_set) // config.train.batch_size) if len(train_set) > config.train.batch_size else 1
-    optimizer = build_optimizer(model, config)
+    # built after the model, so a run with an objective starts from the same initial weights
+    extra = objective(model, index, log).to(device) if objective is not None else None
+    trainable = nn.ModuleList([model] + ([extra] if extra is not None else []))
+    optimizer = build_optimizer(trainable, config)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
     ema = ModelEMA(model, config.train.ema_decay, config.train.ema_ramp) if config.train.ema else None
     scaler = torch.amp.GradScaler(device.type, enabled=config.train.amp and device.type == "cuda")
     state = RunState()
     if saved:
         model.load_state_dict(saved["model"])
+        if extra is not None:
+            extra.load_saved_state(saved["objective"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         if ema is not None:
@@ -252,7 +284,7 @@ def train(config: Config, out_dir: str | Path, *, resume: bool = False, log: Log
     eval_kwargs = eval_settings(config)
 
     for epoch in range(state.epoch + 1, config.train.epochs + 1):
-        model.train()
+        trainable.train()
         started = time.perf_counter()
         sums: dict[str, float] = {}
         steps = 0
@@ -261,21 +293,25 @@ def train(config: Config, out_dir: str | Path, *, resume: bool = False, log: Log
             images = images.to(device, non_blocking=True)
             targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
             with torch.autocast(device.type, enabled=scaler.is_enabled()):
-                output = model(images, targets)
-            check_finite(output.losses, output.loss, epoch, step)
+                if extra is None:
+                    output = model(images, targets)
+                    loss, losses = output.loss, output.losses
+                else:
+                    loss, losses = extra(model, images, targets)
+            check_finite(losses, loss, epoch, step)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(output.loss).backward()
+            scaler.scale(loss).backward()
             if config.train.grad_clip:
                 scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+                nn.utils.clip_grad_norm_(trainable.parameters(), config.train.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
             if ema is not None:
                 ema.update(model)
             steps += 1
-            sums["loss"] = sums.get("loss", 0.0) + output.loss.item()
-            for key, value in output.losses.items():
+            sums["loss"] = sums.get("loss", 0.0) + loss.item()
+            for key, value in losses.items():
                 sums[f"loss_{key}"] = sums.get(f"loss_{key}", 0.0) + value.item()
         record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **{k: v / max(steps, 1) for k, v in sums.items()},
                   "train_time_s": round(time.perf_counter() - started, 2)}
@@ -296,6 +332,7 @@ def train(config: Config, out_dir: str | Path, *, resume: bool = False, log: Log
                 "config": config_to_dict(resolved),
                 "model_config": model_config.model_dump(mode="json"),
                 "model": model.state_dict(),
+                "objective": extra.state_dict_to_save() if extra is not None else None,
                 "ema": ema.state_dict() if ema is not None else None,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),

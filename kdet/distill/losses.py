@@ -1,0 +1,195 @@
+"""Distillation losses: small pure functions from (student, teacher) outputs to an unweighted
+scalar.
+
+The distiller does the rest: it pairs levels and features, detaches the teacher, applies
+connectors and weights. Two kinds exist:
+
+* response losses read head outputs, a list of :class:`ResponseLevel` per model, one per paired
+  pyramid level, with the same number of anchors, classes and grid on both sides;
+* feature losses read one student feature map (already through its connector) and the teacher's
+  map of the same shape, ``[N, C, H, W]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..registry import Registry
+
+
+@dataclass
+class ResponseLevel:
+    """One pyramid level of a head, as response losses see it.
+
+    ``cls_logits`` ``[N, A, C, H, W]``; ``box`` ``[N, A, 4, H, W]`` in a space both models share
+    (the raw head parameterisation when the heads agree, else distances from the cell corner to
+    the box edges in units of the stride; see :mod:`kdet.distill.pairing`); ``score``
+    ``[N, A, 1, H, W]`` objectness or centerness logits, ``None`` when the head has none;
+    ``quality`` ``[N, A, 1, H, W]`` in ``[0, 1]``: how likely a good detection sits at a
+    location (objectness for YOLO heads, centerness x best class probability for FCOS).
+    """
+
+    cls_logits: Tensor
+    box: Tensor
+    score: Tensor | None
+    quality: Tensor
+
+
+@dataclass(frozen=True)
+class DistillLoss:
+    """A registered loss: its function, what it reads (``response`` or ``feature``) and, for
+    feature losses, the connector it uses when the config says ``auto``."""
+
+    fn: Callable[..., Tensor]
+    kind: str
+    connector: str = "conv"
+    box_space: str = "decoded"  # response losses: what the box maps must hold
+
+
+DISTILL_LOSSES: Registry[DistillLoss] = Registry("distillation loss")
+
+
+def register(name: str, kind: str, **options) -> Callable:
+    def add(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        DISTILL_LOSSES.register(name)(DistillLoss(fn, kind, **options))
+        return fn
+
+    return add
+
+
+def _channels_last(t: Tensor) -> Tensor:
+    """``[N, A, K, H, W]`` -> ``[N, A, H, W, K]``."""
+    return t.permute(0, 1, 3, 4, 2)
+
+
+def _weighted_mean(values: list[Tensor], weights: list[Tensor]) -> Tensor:
+    """``sum(w * v) / sum(w)`` over every location of every level; 0 when all weights are 0."""
+    numerator = sum((w * v).sum() for v, w in zip(values, weights))
+    denominator = sum(w.sum() for w in weights)
+    return numerator / denominator.clamp_min(1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Response-based
+# ---------------------------------------------------------------------------------------------
+@register("l2_logits", "response", box_space="raw")
+def l2_logits(student: list[ResponseLevel], teacher: list[ResponseLevel]) -> Tensor:
+    """Mean squared error between the raw head maps: class logits, box outputs and score logits,
+    each averaged over its elements, summed, averaged over levels.
+
+    Plain L2 distillation of every head output, as PaddleDetection's YOLOv3 distillation does.
+    It needs heads of the same kind (same box parameterisation and anchors); the pairing check
+    refuses it otherwise.
+
+    Reference: Ba & Caruana, "Do Deep Nets Really Need to be Deep?", NeurIPS 2014 (logit
+    regression); PaddleDetection ``slim/distillation/distill.py`` (L2 loss on YOLOv3 outputs).
+    """
+    total = []
+    for s, t in zip(student, teacher):
+        level = F.mse_loss(s.cls_logits, t.cls_logits) + F.mse_loss(s.box, t.box)
+        if s.score is not None and t.score is not None:
+            level = level + F.mse_loss(s.score, t.score)
+        total.append(level)
+    return torch.stack(total).mean()
+
+
+@register("kl", "response")
+def kl(
+    student: list[ResponseLevel],
+    teacher: list[ResponseLevel],
+    *,
+    temperature: float = 2.0,
+    mode: str = "softmax",
+    weighting: str = "teacher_quality",
+) -> Tensor:
+    """KL(teacher || student) of temperature-softened class distributions, times ``T^2``.
+
+    ``mode="softmax"``: one distribution over the classes per location (Hinton's form).
+    ``mode="sigmoid"``: one Bernoulli per class (heads with a sigmoid per class; the only
+    informative choice with a single class), summed over classes.
+    Locations are averaged with weights: ``weighting="teacher_quality"`` (default) weights each by
+    the teacher's quality, so the classes the teacher predicts on empty background, where no
+    class loss ever trained it, count little; ``"uniform"`` is the plain mean.
+
+    Reference: Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network",
+    arXiv:1503.02531 (2015).
+    """
+    if temperature <= 0:
+        raise ValueError(f"kl: temperature must be positive, got {temperature}")
+    if mode not in ("softmax", "sigmoid"):
+        raise ValueError(f"kl: mode must be 'softmax' or 'sigmoid', got {mode!r}")
+    if weighting not in ("teacher_quality", "uniform"):
+        raise ValueError(f"kl: weighting must be 'teacher_quality' or 'uniform', got {weighting!r}")
+    values, weights = [], []
+    for s, t in zip(student, teacher):
+        s_logits = _channels_last(s.cls_logits) / temperature
+        t_logits = _channels_last(t.cls_logits) / temperature
+        if mode == "softmax":
+            t_log = F.log_softmax(t_logits, -1)
+            divergence = (t_log.exp() * (t_log - F.log_softmax(s_logits, -1))).sum(-1)
+        else:
+            t_log_p, t_log_q = F.logsigmoid(t_logits), F.logsigmoid(-t_logits)
+            s_log_p, s_log_q = F.logsigmoid(s_logits), F.logsigmoid(-s_logits)
+            divergence = (t_log_p.exp() * (t_log_p - s_log_p) + t_log_q.exp() * (t_log_q - s_log_q)).sum(-1)
+        values.append(divergence)  # [N, A, H, W]
+        weights.append(t.quality[:, :, 0] if weighting == "teacher_quality" else torch.ones_like(divergence))
+    return _weighted_mean(values, weights) * temperature**2
+
+
+@register("objectness_scaled", "response")
+def objectness_scaled(student: list[ResponseLevel], teacher: list[ResponseLevel]) -> Tensor:
+    """Mehta & Ozay's loss for one-stage detectors: ``L_obj + L_cls + L_box``.
+
+    ``L_obj``: squared difference of the student's and the teacher's quality (objectness
+    probability for YOLO heads), averaged over every location.
+    ``L_cls``: squared difference of the class probabilities, ``L_box``: squared difference of
+    the box maps; each averaged over classes (coordinates), then over locations weighted by the
+    teacher's quality, so the flood of background locations, where the teacher's class and box
+    outputs mean nothing, does not dominate.
+
+    FCOS heads have no objectness; their quality is ``sigmoid(centerness) * max_c sigmoid(cls)``,
+    the score their detections are ranked by (up to torchvision's square root), which plays the
+    same role: near zero on background, high on the boxes the teacher would keep.
+
+    Reference: Mehta & Ozay, "Object detection at 200 Frames Per Second", ECCV Workshops 2018
+    (arXiv:1805.06361), section 3.2.
+    """
+    obj_values, cls_values, box_values, weights = [], [], [], []
+    for s, t in zip(student, teacher):
+        obj_values.append((s.quality - t.quality).square())
+        cls_values.append((s.cls_logits.sigmoid() - t.cls_logits.sigmoid()).square().mean(2, keepdim=True))
+        box_values.append((s.box - t.box).square().mean(2, keepdim=True))
+        weights.append(t.quality)
+    obj = sum(v.sum() for v in obj_values) / sum(v.numel() for v in obj_values)
+    return obj + _weighted_mean(cls_values, weights) + _weighted_mean(box_values, weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature-based
+# ---------------------------------------------------------------------------------------------
+@register("fitnet", "feature", connector="converter")
+def fitnet(student: Tensor, teacher: Tensor, *, teacher_activation: str = "relu6", normalize: bool = False) -> Tensor:
+    """FitNets hint loss: mean squared error between the student's feature map (through its
+    connector) and the teacher's.
+
+    ``teacher_activation="relu6"`` passes the teacher map through ReLU6, matching the range of
+    the converter (conv + BN + ReLU6) on the student side; ``"none"`` leaves it as is.
+    ``normalize=True`` divides both maps by their L2 norm over channels at every location first,
+    which makes the loss insensitive to the two models' feature scales.
+
+    Reference: Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015 (arXiv:1412.6550).
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(f"fitnet: student map {tuple(student.shape)} and teacher map {tuple(teacher.shape)} differ; "
+                         f"the connector and resampling should have made them equal")
+    if teacher_activation == "relu6":
+        teacher = F.relu6(teacher)
+    elif teacher_activation != "none":
+        raise ValueError(f"fitnet: teacher_activation must be 'relu6' or 'none', got {teacher_activation!r}")
+    if normalize:
+        student, teacher = F.normalize(student, dim=1), F.normalize(teacher, dim=1)
+    return F.mse_loss(student, teacher)

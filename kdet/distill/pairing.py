@@ -1,0 +1,327 @@
+"""Can this teacher teach this student? Pair levels, features and classes before training.
+
+:func:`pair` compares the two models' :class:`~kdet.models.ModelSpec` (shapes at the configured
+input size) for every configured term, and returns a :class:`PairingReport`: what will be paired
+with what, what kdet adapts (connectors, resampling, class reordering, anchor selection) and in
+plain words what cannot be paired and how to fix it. ``kdet check`` prints it; ``kdet distill``
+refuses to start while it holds errors, so a mismatch never surfaces as a shape error deep
+inside a loss.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..config import ConfigError, DistillSettings, TermConfig
+from ..losses.yolo import decode_cell_boxes
+from ..models import ModelSpec
+from ..structures import HeadLevel
+from .losses import DISTILL_LOSSES, ResponseLevel
+
+
+class PairingError(ConfigError):
+    """The teacher and the student cannot be paired as configured; the message says why and how to fix it."""
+
+
+@dataclass
+class FeaturePair:
+    student: str
+    teacher: str
+    student_shape: tuple[int, int, int]  # channels, H, W
+    teacher_shape: tuple[int, int, int]
+    stride: tuple[int, int]  # student, teacher
+    connector: str  # "conv" | "converter" | "none"
+    resample: bool
+
+
+@dataclass
+class TermPlan:
+    """How one configured term will be computed."""
+
+    index: int
+    config: TermConfig
+    kind: str  # "response" | "feature"
+    active: bool
+    level_pairs: list[tuple[int, int]] = field(default_factory=list)  # (student level, teacher level)
+    box_space: str = "raw"  # response: "raw" head maps or "decoded" ltrb in stride units
+    pick_teacher_anchor: bool = False  # response: teacher anchors differ: use its best anchor per location
+    features: list[FeaturePair] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return f"distill.terms.{self.index} ({self.config.loss})"
+
+
+@dataclass
+class PairingReport:
+    teacher: ModelSpec
+    student: ModelSpec
+    student_classes: list[int]  # indices of the shared classes in the student's list ...
+    teacher_classes: list[int]  # ... and the same classes in the teacher's list
+    terms: list[TermPlan]
+    notes: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def raise_errors(self) -> None:
+        if self.errors:
+            raise PairingError("the teacher and the student cannot be paired as configured:\n  - " + "\n  - ".join(self.errors)
+                               + "\nRun `kdet check` on the config for the full report.")
+
+
+def _strides(spec_levels) -> str:
+    return "/".join(str(level.stride) for level in spec_levels)
+
+
+def pair(teacher: ModelSpec, student: ModelSpec, settings: DistillSettings, *, teacher_input_size: int | None = None) -> PairingReport:
+    """Plan every term of ``settings`` for ``teacher`` and ``student`` (described at the same input size)."""
+    report = PairingReport(teacher, student, [], [], [])
+    _pair_classes(report)
+    if teacher_input_size and teacher_input_size != student.input_size[0]:
+        report.notes.append(
+            f"input size: the teacher was trained at {teacher_input_size}px and will run at the student's "
+            f"{student.input_size[0]}px on the same images; objects look {student.input_size[0] / teacher_input_size:.2f}x "
+            f"their training size to it. Check it with `kdet eval TEACHER --set data.input_size={student.input_size[0]}`, "
+            f"or set data.input_size: {teacher_input_size}."
+        )
+    if teacher.family != student.family:
+        report.notes.append(
+            f"families differ (teacher {teacher.family}, student {student.family}): response terms compare class "
+            f"probabilities and boxes decoded to a shared form (distances from each cell to the box edges, in strides); "
+            f"raw head maps (l2_logits) cannot be compared."
+        )
+    if not settings.terms:
+        report.errors.append("distill.terms is empty: add at least one term, for example {loss: objectness_scaled, weight: 1.0}")
+    for index, term in enumerate(settings.terms):
+        try:
+            loss = DISTILL_LOSSES.get(term.loss)
+        except KeyError as error:
+            report.errors.append(f"distill.terms.{index}.loss: {error.args[0]}")
+            continue
+        _check_args(report, index, term, loss.fn)
+        active = term.enabled and (settings.response if loss.kind == "response" else settings.features)
+        plan = TermPlan(index, term, loss.kind, active)
+        if loss.kind == "response":
+            _pair_response(report, plan, loss.box_space)
+        else:
+            _pair_features(report, plan, loss.connector)
+        report.terms.append(plan)
+    if settings.terms and not any(plan.active for plan in report.terms):
+        report.notes.append("every term is switched off (enabled, distill.response, distill.features): this run trains "
+                            "the student on its labels only")
+    return report
+
+
+def _check_args(report: PairingReport, index: int, term: TermConfig, fn) -> None:
+    """A misspelt loss argument fails here, naming its key, not after the first epoch."""
+    params = inspect.signature(fn).parameters
+    valid = [name for name, p in params.items() if p.kind == p.KEYWORD_ONLY]
+    for key in term.args:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            report.errors.append(f"distill.terms.{index}.args.{key}: {term.loss} has no argument {key!r}.{hint} "
+                                 f"Its arguments: {', '.join(valid) or 'none'}.")
+
+
+def _pair_classes(report: PairingReport) -> None:
+    teacher, student = list(report.teacher.class_names), list(report.student.class_names)
+    shared = [name for name in student if name in teacher]
+    report.student_classes = [student.index(name) for name in shared]
+    report.teacher_classes = [teacher.index(name) for name in shared]
+    if teacher == student:
+        return
+    if not shared:
+        report.errors.append(
+            f"classes: the teacher knows {teacher} and the student's data has {student}; no class name is shared, "
+            f"so the teacher's class outputs mean nothing to the student. Use a teacher trained on these classes "
+            f"(class lists are matched by name)."
+        )
+        return
+    if set(shared) == set(teacher) == set(student):
+        report.notes.append(f"classes: same names in another order (teacher {teacher}, student {student}); "
+                            f"the teacher's class outputs are reordered to the student's")
+        return
+    only_student = [n for n in student if n not in teacher]
+    only_teacher = [n for n in teacher if n not in student]
+    parts = [f"classes: {len(shared)} shared ({', '.join(shared)}), matched by name"]
+    if only_student:
+        parts.append(f"the student's {only_student} have no teacher output and learn from the labels only")
+    if only_teacher:
+        parts.append(f"the teacher's {only_teacher} are not in the student's data and are ignored")
+    report.notes.append("; ".join(parts))
+
+
+def _pair_response(report: PairingReport, plan: TermPlan, box_space: str) -> None:
+    teacher, student = report.teacher, report.student
+    where = plan.key
+    if plan.config.student != "head" or (plan.config.teacher or "head") != "head":
+        report.errors.append(f"{where}: response losses read the head; set student: head (and teacher: head or leave it out), "
+                             f"got student: {plan.config.student}, teacher: {plan.config.teacher}")
+        return
+    if not report.student_classes:
+        return  # the class error is already reported
+    by_stride = {level.stride: i for i, level in enumerate(teacher.levels)}
+    for s_index, level in enumerate(student.levels):
+        t_index = by_stride.get(level.stride)
+        if t_index is None:
+            plan.notes.append(f"student level {level.name} (stride {level.stride}) has no teacher level of that stride: "
+                              f"no response loss there")
+            continue
+        plan.level_pairs.append((s_index, t_index))
+    unused = [t.name for t in teacher.levels if t.stride not in {s.stride for s in student.levels}]
+    if unused:
+        plan.notes.append(f"teacher level(s) {', '.join(unused)} have no student level of the same stride and are not used")
+    if not plan.level_pairs:
+        report.errors.append(
+            f"{where}: the teacher's head has strides {_strides(teacher.levels)} and the student's {_strides(student.levels)}; "
+            f"no level has a partner of the same stride. Use a teacher and a student whose pyramids share strides, "
+            f"or use a feature term with resample: true."
+        )
+        return
+    anchors_differ = any(
+        student.levels[s].num_anchors != teacher.levels[t].num_anchors for s, t in plan.level_pairs
+    )
+    boxes_differ = teacher.family != student.family or any(
+        student.levels[s].anchors != teacher.levels[t].anchors for s, t in plan.level_pairs
+    )
+    plan.pick_teacher_anchor = anchors_differ
+    if box_space == "raw":
+        if anchors_differ or boxes_differ:
+            why = ("the heads have different anchors per location" if anchors_differ else
+                   "the heads' families differ" if teacher.family != student.family else
+                   "the two heads use different anchor boxes, so their raw box outputs mean different boxes")
+            report.errors.append(
+                f"{where}: {plan.config.loss} compares raw head maps one to one, but {why}. Use objectness_scaled or kl, "
+                f"which compare probabilities and decoded boxes, or give the student the teacher's anchors "
+                f"(model.anchors: {[list(map(list, level.anchors)) for level in teacher.levels] if teacher.levels[0].anchors else 'none'})."
+            )
+            return
+        plan.box_space = "raw"
+    else:
+        plan.box_space = "decoded"
+    if anchors_differ:
+        s_a = sorted({student.levels[s].num_anchors for s, _ in plan.level_pairs})
+        t_a = sorted({teacher.levels[t].num_anchors for _, t in plan.level_pairs})
+        plan.notes.append(f"anchors per location: teacher {t_a}, student {s_a}; every student anchor learns from the "
+                          f"teacher's most confident anchor at the same location")
+    pairs = ", ".join(f"{student.levels[s].name}<-{teacher.levels[t].name}" for s, t in plan.level_pairs)
+    plan.notes.insert(0, f"levels paired by stride: {pairs}; boxes compared as "
+                         + ("raw head outputs" if plan.box_space == "raw" else "distances to the box edges in strides"))
+
+
+def _feature_names(spec: ModelSpec, name: str) -> list[str]:
+    if name in spec.features:
+        return [name]
+    return [n for n in spec.features if n.startswith(name + ".")]
+
+
+def _pair_features(report: PairingReport, plan: TermPlan, default_connector: str) -> None:
+    teacher, student = report.teacher, report.student
+    term = plan.config
+    where = plan.key
+    teacher_name = term.teacher or term.student
+    s_names, t_names = _feature_names(student, term.student), _feature_names(teacher, teacher_name)
+    for side, name, names, spec in (("student", term.student, s_names, student), ("teacher", teacher_name, t_names, teacher)):
+        if not names:
+            close = difflib.get_close_matches(name, list(spec.features), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            report.errors.append(f"{where}.{side}: the {side} has no feature {name!r}.{hint} "
+                                 f"It has: {', '.join(spec.features)} (or 'neck'/'backbone' for every level).")
+    if not s_names or not t_names:
+        return
+    connector = default_connector if term.connector == "auto" else term.connector
+    if len(s_names) == 1 and len(t_names) == 1:
+        candidates = [(s_names[0], t_names[0])]
+    else:  # a group: pair levels by stride
+        t_by_stride = {teacher.features[n][1]: n for n in t_names}
+        candidates = []
+        for s_name in s_names:
+            t_name = t_by_stride.get(student.features[s_name][1])
+            if t_name is None:
+                plan.notes.append(f"student {s_name} (stride {student.features[s_name][1]}) has no teacher feature of that stride in "
+                                  f"{teacher_name!r}: not distilled")
+            else:
+                candidates.append((s_name, t_name))
+        if not candidates:
+            report.errors.append(f"{where}: no feature of the student's {term.student!r} shares a stride with the teacher's "
+                                 f"{teacher_name!r} (student strides {sorted({student.features[n][1] for n in s_names})}, "
+                                 f"teacher {sorted({teacher.features[n][1] for n in t_names})}).")
+            return
+    for s_name, t_name in candidates:
+        s_ch, s_stride, s_grid = student.features[s_name]
+        t_ch, t_stride, t_grid = teacher.features[t_name]
+        if s_grid != t_grid and not term.resample:
+            same = [n for n, (_, stride, _) in teacher.features.items() if stride == s_stride]
+            report.errors.append(
+                f"{where}: student {s_name} is {s_grid[0]}x{s_grid[1]} (stride {s_stride}), teacher {t_name} is "
+                f"{t_grid[0]}x{t_grid[1]} (stride {t_stride}). Pick a teacher feature of stride {s_stride}"
+                + (f" ({', '.join(same)})" if same else " (the teacher has none)")
+                + f", or set {where.split(' ')[0]}.resample: true to resize the student map to the teacher's grid."
+            )
+            continue
+        if s_ch != t_ch and connector == "none":
+            report.errors.append(f"{where}: student {s_name} has {s_ch} channels and teacher {t_name} {t_ch}; "
+                                 f"connector: none cannot bridge that; use connector: conv or converter (or auto)")
+            continue
+        plan.features.append(FeaturePair(s_name, t_name, (s_ch, *s_grid), (t_ch, *t_grid), (s_stride, t_stride), connector,
+                                         s_grid != t_grid))
+        what = {"conv": "a learned 1x1 conv", "converter": "a learned converter (1x1 conv + BN + ReLU6)", "none": "no connector"}[connector]
+        resized = f", resized {s_grid[0]}x{s_grid[1]} -> {t_grid[0]}x{t_grid[1]}" if s_grid != t_grid else ""
+        plan.notes.append(f"{s_name} ({s_ch} ch) -> {what} -> {t_ch} ch{resized} vs teacher {t_name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Head maps -> the form response losses read
+# ---------------------------------------------------------------------------------------------
+def level_quality(level: HeadLevel) -> Tensor:
+    """``[N, A, 1, H, W]`` in ``[0, 1]``: objectness for YOLO heads; centerness x best class
+    probability for FCOS heads; best class probability for heads without a score."""
+    best_class = level.cls_logits.sigmoid().amax(2, keepdim=True)
+    if level.score is None:
+        return best_class
+    if level.score_kind == "objectness":
+        return level.score.sigmoid()
+    return level.score.sigmoid() * best_class
+
+
+def ltrb_in_strides(level: HeadLevel) -> Tensor:
+    """Boxes as distances from each cell's corner point ``(col, row) * stride`` to the four box
+    edges, in units of the stride, ``[N, A, 4, H, W]``: the same numbers for any head family."""
+    if level.box_format == "ltrb":
+        return level.box
+    if level.box_format == "yolov5":
+        anchors = (level.anchors.to(level.box) / level.stride).view(1, -1, 1, 1, 2)
+        cell = decode_cell_boxes(level.box.permute(0, 1, 3, 4, 2), anchors)  # cx, cy from the corner, w, h; grid units
+        half = cell[..., 2:] / 2
+        ltrb = torch.cat([half - cell[..., :2], cell[..., :2] + half], -1)
+        return ltrb.permute(0, 1, 4, 2, 3)
+    raise ValueError(f"level {level.name}: unknown box format {level.box_format!r}")
+
+
+def response_level(level: HeadLevel, box_space: str, classes: list[int] | None) -> ResponseLevel:
+    cls_logits = level.cls_logits if classes is None else level.cls_logits[:, :, classes]
+    box = level.box if box_space == "raw" else ltrb_in_strides(level)
+    return ResponseLevel(cls_logits, box, level.score, level_quality(level))
+
+
+def pick_best_anchor(level: ResponseLevel, num_anchors: int) -> ResponseLevel:
+    """Reduce a teacher level to its most confident anchor at every location and repeat it for
+    ``num_anchors`` student anchors."""
+    best = level.quality.argmax(1, keepdim=True)  # [N, 1, 1, H, W]
+
+    def take(t: Tensor | None) -> Tensor | None:
+        if t is None:
+            return None
+        index = best.expand(-1, 1, t.shape[2], -1, -1)
+        return t.gather(1, index).expand(-1, num_anchors, -1, -1, -1)
+
+    return ResponseLevel(take(level.cls_logits), take(level.box), take(level.score), take(level.quality))
