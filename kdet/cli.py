@@ -80,6 +80,52 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# check / distill / compare
+# ---------------------------------------------------------------------------------------------
+def cmd_check(args: argparse.Namespace) -> int:
+    from .config import DistillConfig, load_config
+    from .distill.report import render_pairing
+    from .distill.run import check, report_dict
+
+    config = load_config(config_path(args.config), args.set, schema=DistillConfig)
+    report = check(config, log=_log if not args.json else (lambda _: None))
+    if args.json:
+        print(json.dumps(report_dict(report), indent=1))
+    else:
+        render_pairing(report, console)
+    return 0 if report.ok else 1
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .config import DistillConfig, load_config
+    from .distill.run import distill
+
+    config = load_config(config_path(args.config), args.set, schema=DistillConfig)
+    if args.resume and not args.out:
+        raise ValueError("--resume needs --out RUN_DIR: the run to continue")
+    out = Path(args.out) if args.out else default_run_dir(args.config)
+    _log(f"run directory: {out}")
+    distill(config, out, resume=args.resume, log=_log, progress=console.is_terminal)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .distill.compare import collect_runs, comparison_rows, render_comparison
+
+    runs = collect_runs([Path(p) for p in args.runs])
+    rows = comparison_rows(runs)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    elif args.markdown:
+        from .distill.compare import markdown_table
+
+        print(markdown_table(rows))
+    else:
+        render_comparison(rows, console)
+    return 0
+
+
 def _records_for_model(args: argparse.Namespace, class_names: list[str]):
     """Read the evaluation data and map its classes onto the model's, by name."""
     from .data import read_dataset, remap_classes, resolve_data_path
@@ -180,7 +226,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdet",
-        description="Knowledge distillation for object detectors: train and evaluate detectors on VOC, COCO or YOLO data.",
+        description="Knowledge distillation for object detectors: train a teacher, check that it can teach a student, "
+        "distil, and compare teacher, baseline and distilled student, on VOC, COCO or YOLO data.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -203,6 +250,26 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run directory (default: runs/<config name>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     train.set_defaults(func=cmd_train)
+
+    check_pair = sub.add_parser("check", help="can this teacher teach this student? pairing report of a distillation config, before training")
+    check_pair.add_argument("config", help="a distillation YAML config, or a recipe name (bccd_distill)")
+    check_pair.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    check_pair.add_argument("--json", action="store_true", help="print the report as JSON")
+    check_pair.set_defaults(func=cmd_check)
+
+    distill = sub.add_parser("distill", help="train a student against a frozen teacher (runs `kdet check` first)")
+    distill.add_argument("config", help="a distillation YAML config, or a recipe name from kdet/configs: bccd_distill")
+    distill.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config key, e.g. distill.features=false or 'distill.terms=[{loss: kl}]' (repeatable)")
+    distill.add_argument("--out", help="run directory (default: runs/<config name>)")
+    distill.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    distill.set_defaults(func=cmd_distill)
+
+    compare = sub.add_parser("compare", help="table of teacher, baseline and distilled students from run directories")
+    compare.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories of kdet train / kdet distill")
+    compare.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    compare.add_argument("--json", action="store_true", help="print the rows as JSON")
+    compare.set_defaults(func=cmd_compare)
 
     evaluate = sub.add_parser("eval", help="COCO AP@[.5:.95]/AP50/AP75/APs/m/l and VOC mAP@0.5 (11-point, all-point), per class")
     evaluate.add_argument("checkpoint", help="a kdet checkpoint (best.pt), or bundled:bccd_teacher")
