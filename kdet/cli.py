@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--json", action="store_true")
     profile.set_defaults(func=cmd_profile)
 
-    demo = sub.add_parser("demo", help="train a small detector on the bundled BCCD data and evaluate it")
+    demo = sub.add_parser("demo", help="distil the bundled BCCD teacher into a small student, train a baseline student, and compare the three")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--epochs", type=int, help="override the demo's number of epochs")
     demo.set_defaults(func=cmd_demo)

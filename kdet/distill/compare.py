@@ -1,0 +1,194 @@
+"""``kdet compare``: teacher, baseline student and distilled students side by side.
+
+Runs are grouped by their config with the seed left out, so the seeds of one method become one
+row with a mean and a spread (sample standard deviation). A distilled group is paired with the
+baseline group that trained the same student on the same data and schedule without a teacher;
+from the pair come the AP gain (paired by seed), the fraction of the teacher-student gap
+closed, and the training time per epoch relative to the baseline. Teacher rows come from the
+``teacher`` entry that ``kdet distill`` writes into ``results.json``.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict
+    results: dict
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 0))
+
+    @property
+    def distilled(self) -> bool:
+        return "distill" in self.config
+
+    def group_key(self) -> str:
+        config = {k: v for k, v in self.config.items() if k != "seed"}
+        return json.dumps(config, sort_keys=True)
+
+    def student_key(self) -> str:
+        """The config without seed, teacher and distillation: what a baseline must share."""
+        config = {k: v for k, v in self.config.items() if k not in ("seed", "teacher", "distill")}
+        return json.dumps(config, sort_keys=True)
+
+
+def collect_runs(paths: list[Path]) -> list[Run]:
+    runs = []
+    for path in paths:
+        results, config = path / "results.json", path / "config.yaml"
+        if not results.is_file() or not config.is_file():
+            missing = "results.json" if not results.is_file() else "config.yaml"
+            raise FileNotFoundError(f"{path}: no {missing}; give run directories of finished kdet train / kdet distill runs")
+        runs.append(Run(path, yaml.safe_load(config.read_text()), json.loads(results.read_text())))
+    if not runs:
+        raise ValueError("no run directories given")
+    return runs
+
+
+def _stat(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
+
+
+def model_name(model: dict) -> str:
+    return f"{model['family']} {model['backbone']}-{model['size']}"
+
+
+def method_name(config: dict) -> str:
+    distill = config.get("distill")
+    if not distill:
+        return "no KD"
+    terms = [t for t in distill.get("terms", []) if t.get("enabled", True)]
+    kinds = {"response": distill.get("response", True), "features": distill.get("features", True)}
+    names = []
+    for term in terms:
+        feature = term["loss"] in ("fitnet",)
+        if (feature and not kinds["features"]) or (not feature and not kinds["response"]):
+            continue
+        names.append(f"{term['loss']}" + (f"({term.get('student', 'head')})" if feature else "") + f" x{term.get('weight', 1.0):g}")
+    return " + ".join(names) or "labels only"
+
+
+def _metrics_row(results_list: list[dict]) -> dict:
+    coco = [r["metrics"]["coco"] for r in results_list]
+    voc = [r["metrics"]["voc"] for r in results_list]
+    profile = results_list[0]["profile"]
+    return {
+        "AP": _stat([c["AP"] for c in coco]),
+        "AP50": _stat([c["AP50"] for c in coco]),
+        "VOC_mAP50": _stat([v["mAP50_all"] for v in voc]),
+        "VOC_mAP50_11pt": _stat([v["mAP50_11pt"] for v in voc]),
+        "per_class_AP": {name: _stat([c["per_class"][name]["AP"] for c in coco]) for name in coco[0]["per_class"]},
+        "params": profile["params"],
+        "flops": profile["flops"],
+        "latency_ms": _stat([r["profile"]["latency_ms_median"] for r in results_list]),
+    }
+
+
+def comparison_rows(runs: list[Run]) -> list[dict]:
+    """One row per teacher, per baseline group and per distilled group (see the module docstring)."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.group_key(), []).append(run)
+    teachers: dict[str, dict] = {}
+    for run in runs:
+        if run.distilled and "teacher" in run.results:
+            teacher = run.results["teacher"]
+            teachers.setdefault(str(teacher.get("checkpoint")), teacher)
+    rows = []
+    for name, teacher in teachers.items():
+        rows.append({"role": "teacher", "name": name, "method": "", "seeds": [], "runs": [], **_metrics_row([teacher])})
+    baselines = {}
+    for members in groups.values():
+        if not members[0].distilled:
+            row = {"role": "baseline", "name": model_name(members[0].config["model"]), "method": "no KD",
+                   "seeds": sorted(r.seed for r in members), "runs": [str(r.path) for r in members],
+                   "epoch_time_s": _stat([_epoch_time(r) for r in members]), **_metrics_row([r.results for r in members])}
+            baselines[members[0].student_key()] = (row, {r.seed: r for r in members})
+            rows.append(row)
+    for members in groups.values():
+        if not members[0].distilled:
+            continue
+        first = members[0]
+        row = {"role": "distilled", "name": model_name(first.config["model"]), "method": method_name(first.config),
+               "teacher": first.config["teacher"].get("checkpoint"), "seeds": sorted(r.seed for r in members),
+               "runs": [str(r.path) for r in members], "epoch_time_s": _stat([_epoch_time(r) for r in members]),
+               **_metrics_row([r.results for r in members])}
+        match = baselines.get(first.student_key())
+        if match:
+            base_row, by_seed = match
+            paired = [(r, by_seed[r.seed]) for r in members if r.seed in by_seed]
+            if paired:
+                row["delta_AP_paired"] = _stat([r.results["metrics"]["coco"]["AP"] - b.results["metrics"]["coco"]["AP"] for r, b in paired])
+                row["paired_seeds"] = sorted(r.seed for r, _ in paired)
+                base_ap = statistics.fmean(b.results["metrics"]["coco"]["AP"] for _, b in paired)
+                mine = statistics.fmean(r.results["metrics"]["coco"]["AP"] for r, _ in paired)
+                teacher_ap = first.results.get("teacher", {}).get("metrics", {}).get("coco", {}).get("AP")
+                if teacher_ap is not None and teacher_ap > base_ap:
+                    row["gap_closed"] = (mine - base_ap) / (teacher_ap - base_ap)
+                row["epoch_time_ratio"] = row["epoch_time_s"]["mean"] / base_row["epoch_time_s"]["mean"]
+        rows.append(row)
+    return rows
+
+
+def _epoch_time(run: Run) -> float:
+    return run.results["train_time_s"] / max(1, run.results["epochs"])
+
+
+def _fmt(stat: dict | None, digits: int = 3) -> str:
+    if not stat:
+        return "-"
+    text = f"{stat['mean']:.{digits}f}"
+    return text + (f" ± {stat['sd']:.{digits}f}" if stat.get("sd") is not None else "")
+
+
+COLUMNS = ("role", "model", "method", "seeds", "AP@[.5:.95]", "AP50", "VOC mAP@0.5", "ΔAP vs baseline", "gap closed",
+           "params", "GFLOPs", "latency ms", "epoch time")
+
+
+def _cells(row: dict) -> list[str]:
+    gap = row.get("gap_closed")
+    ratio = row.get("epoch_time_ratio")
+    epoch = row.get("epoch_time_s")
+    return [
+        row["role"],
+        row["name"],
+        row["method"] + (f" (teacher {row['teacher']})" if row.get("teacher") and row["role"] == "distilled" else ""),
+        ",".join(map(str, row["seeds"])) or "-",
+        _fmt(row["AP"]),
+        _fmt(row["AP50"]),
+        _fmt(row["VOC_mAP50"]),
+        (("+" if row["delta_AP_paired"]["mean"] >= 0 else "") + _fmt(row["delta_AP_paired"])) if row.get("delta_AP_paired") else "-",
+        f"{gap:.0%}" if gap is not None else "-",
+        f"{row['params'] / 1e6:.2f}M",
+        f"{row['flops'] / 1e9:.2f}",
+        _fmt(row["latency_ms"], 1),
+        (f"{epoch['mean']:.1f}s" + (f" ({ratio:.2f}x)" if ratio else "")) if epoch else "-",
+    ]
+
+
+def render_comparison(rows: list[dict], console: Console) -> None:
+    table = Table(title="Teacher, baseline and distilled students (test split; mean ± sd over seeds)")
+    for column in COLUMNS:
+        table.add_column(column, justify="left" if column in ("role", "model", "method") else "right")
+    for row in rows:
+        table.add_row(*_cells(row))
+    if not console.is_terminal:  # a log file or a pipe: do not squeeze the table into 80 columns
+        console = Console(file=console.file, width=max(console.width, 200), highlight=False)
+    console.print(table)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,185 @@
+"""Distillation runs end to end on tiny data: kdet check, kdet distill (and its resume), kdet compare."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kdet.cli import main
+from kdet.config import ConfigError, DistillConfig, load_config, validate_config
+from kdet.demo import demo_configs
+from kdet.distill.compare import collect_runs, comparison_rows, markdown_table
+from kdet.distill.run import distill
+from kdet.engine.trainer import train
+from conftest import tiny_config_dict
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def teacher_checkpoint(shapes_voc, tmp_path_factory) -> Path:
+    config = tiny_config_dict(shapes_voc, epochs=1)
+    config["model"]["size"] = "t"
+    out = tmp_path_factory.mktemp("teacher")
+    train(validate_config(config), out, log=quiet, progress=False)
+    return out / "best.pt"
+
+
+def distill_dict(data: Path, teacher: Path, *, epochs: int = 1, terms: list | None = None) -> dict:
+    config = tiny_config_dict(data, epochs=epochs)
+    config["teacher"] = {"checkpoint": str(teacher)}
+    config["distill"] = {"terms": terms or [
+        {"loss": "objectness_scaled", "weight": 1.0},
+        {"loss": "fitnet", "student": "neck.p3", "weight": 0.5},
+    ]}
+    return config
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_one_epoch_distillation_end_to_end(shapes_voc, teacher_checkpoint, tmp_path, capsys):
+    config = write_yaml(tmp_path / "kd.yaml", distill_dict(shapes_voc, teacher_checkpoint))
+    out = tmp_path / "run"
+    assert main(["distill", str(config), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["epochs"] == 1
+    assert 0 <= results["metrics"]["coco"]["AP"] <= 1
+    assert results["teacher"]["checkpoint"] == str(teacher_checkpoint)
+    assert results["teacher"]["profile"]["params"] > results["profile"]["params"]  # t teacher, p student
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"loss_det_box", "loss_det_obj", "loss_det_cls", "loss_kd0_objectness_scaled", "loss_kd1_fitnet"} <= set(record)
+    pairing = json.loads((out / "pairing.json").read_text())
+    assert pairing["ok"] and [t["loss"] for t in pairing["terms"]] == ["objectness_scaled", "fitnet"]
+    # best.pt is the student alone, loadable by every other command
+    capsys.readouterr()
+    assert main(["eval", str(out / "best.pt"), "--data", str(shapes_voc), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["coco"]["AP"] == pytest.approx(results["metrics"]["coco"]["AP"])
+
+
+def test_distillation_resumes_to_identical_weights(shapes_voc, teacher_checkpoint, tmp_path, monkeypatch):
+    config = validate_config(distill_dict(shapes_voc, teacher_checkpoint, epochs=2), schema=DistillConfig)
+    straight = tmp_path / "straight"
+    distill(config, straight, log=quiet, progress=False)
+
+    import kdet.engine.trainer as trainer
+
+    real_loader = trainer.epoch_loader
+
+    def stop_at_epoch_2(dataset, cfg, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_loader(dataset, cfg, epoch)
+
+    resumed = tmp_path / "resumed"
+    monkeypatch.setattr(trainer, "epoch_loader", stop_at_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        distill(config, resumed, log=quiet, progress=False)
+    monkeypatch.setattr(trainer, "epoch_loader", real_loader)
+    distill(config, resumed, resume=True, log=quiet, progress=False)
+
+    a = torch.load(straight / "last.pt", weights_only=False)
+    b = torch.load(resumed / "last.pt", weights_only=False)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert a["objective"].keys() == b["objective"].keys() and a["objective"]
+    for key, value in a["objective"].items():
+        assert torch.equal(value, b["objective"][key]), key
+    assert not any(key.startswith("teacher") for key in a["objective"])  # the teacher is never saved with the run
+
+
+def test_changed_distillation_config_is_refused_on_resume(shapes_voc, teacher_checkpoint, tmp_path):
+    data = distill_dict(shapes_voc, teacher_checkpoint)
+    out = tmp_path / "run"
+    distill(validate_config(data, schema=DistillConfig), out, log=quiet, progress=False)
+    data["distill"]["terms"][0]["weight"] = 2.0
+    with pytest.raises(ConfigError, match="distill.terms"):
+        distill(validate_config(data, schema=DistillConfig), out, resume=True, log=quiet, progress=False)
+
+
+def test_check_command_reports_ok_and_refuses_mismatch(shapes_voc, teacher_checkpoint, tmp_path, capsys):
+    good = write_yaml(tmp_path / "good.yaml", distill_dict(shapes_voc, teacher_checkpoint))
+    assert main(["check", str(good)]) == 0
+    text = capsys.readouterr().out
+    assert "pairing: OK" in text and "converter" in text
+
+    bad = write_yaml(tmp_path / "bad.yaml", distill_dict(shapes_voc, teacher_checkpoint, terms=[
+        {"loss": "fitnet", "student": "neck.p3", "teacher": "neck.p4"}]))
+    assert main(["check", str(bad), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert not report["ok"] and "resample: true" in report["errors"][0]
+    # kdet distill refuses it before training, with the same explanation
+    assert main(["distill", str(bad), "--out", str(tmp_path / "never")]) == 2
+    assert "resample: true" in capsys.readouterr().err
+    assert not (tmp_path / "never" / "last.pt").exists()
+
+
+def test_distillation_config_errors_name_file_line_and_key(shapes_voc, teacher_checkpoint, tmp_path):
+    data = distill_dict(shapes_voc, teacher_checkpoint)
+    data["distill"]["terms"][1]["wieght"] = 0.5
+    path = write_yaml(tmp_path / "typo.yaml", data)
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "wieght" in text)
+    with pytest.raises(ConfigError, match=rf"typo.yaml, line {line}: unknown key 'distill.terms.1.wieght'. Did you mean 'distill.terms.1.weight'"):
+        load_config(path, schema=DistillConfig)
+    with pytest.raises(ConfigError, match="teacher"):
+        validate_config(tiny_config_dict(shapes_voc), schema=DistillConfig)  # no teacher at all
+
+
+def test_switches_turn_feature_terms_off(shapes_voc, teacher_checkpoint, tmp_path):
+    data = distill_dict(shapes_voc, teacher_checkpoint)
+    data["distill"]["features"] = False
+    out = tmp_path / "run"
+    distill(validate_config(data, schema=DistillConfig), out, log=quiet, progress=False)
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert "loss_kd0_objectness_scaled" in record and "loss_kd1_fitnet" not in record
+
+
+def test_compare_pairs_distilled_runs_with_their_baseline(shapes_voc, teacher_checkpoint, tmp_path, capsys):
+    runs = []
+    for seed in (0, 1):
+        base = tiny_config_dict(shapes_voc, epochs=1)
+        base["seed"] = seed
+        train(validate_config(base), tmp_path / f"base{seed}", log=quiet, progress=False)
+        kd = distill_dict(shapes_voc, teacher_checkpoint)
+        kd["seed"] = seed
+        distill(validate_config(kd, schema=DistillConfig), tmp_path / f"kd{seed}", log=quiet, progress=False)
+        runs += [tmp_path / f"base{seed}", tmp_path / f"kd{seed}"]
+    rows = comparison_rows(collect_runs(runs))
+    assert [r["role"] for r in rows] == ["teacher", "baseline", "distilled"]
+    teacher, baseline, distilled = rows
+    assert baseline["seeds"] == distilled["seeds"] == [0, 1]
+    assert distilled["paired_seeds"] == [0, 1]
+    base_aps = [json.loads((tmp_path / f"base{s}" / "results.json").read_text())["metrics"]["coco"]["AP"] for s in (0, 1)]
+    kd_aps = [json.loads((tmp_path / f"kd{s}" / "results.json").read_text())["metrics"]["coco"]["AP"] for s in (0, 1)]
+    assert distilled["delta_AP_paired"]["mean"] == pytest.approx(sum(k - b for k, b in zip(kd_aps, base_aps)) / 2)
+    assert baseline["AP"]["mean"] == pytest.approx(sum(base_aps) / 2)
+    if teacher["AP"]["mean"] > baseline["AP"]["mean"]:
+        expected = (sum(kd_aps) / 2 - sum(base_aps) / 2) / (teacher["AP"]["mean"] - sum(base_aps) / 2)
+        assert distilled["gap_closed"] == pytest.approx(expected)
+    assert distilled["epoch_time_ratio"] > 0
+    table = markdown_table(rows)
+    assert table.count("\n") == 4 and "objectness_scaled x1" in table
+    assert main(["compare", *map(str, runs)]) == 0
+    assert "distilled" in capsys.readouterr().out
+
+
+def test_compare_refuses_an_unfinished_run(tmp_path):
+    (tmp_path / "run").mkdir()
+    with pytest.raises(FileNotFoundError, match="results.json"):
+        collect_runs([tmp_path / "run"])
+
+
+def test_demo_pairs_baseline_and_distilled_student():
+    baseline, distilled = demo_configs(epochs=3)
+    assert isinstance(distilled, DistillConfig) and not isinstance(baseline, DistillConfig)
+    for key in ("seed", "data", "model", "train", "eval"):
+        assert getattr(baseline, key) == getattr(distilled, key), key
+    assert baseline.train.epochs == 3 and distilled.teacher.checkpoint == "bundled:bccd_teacher"
+    assert distilled.distill.terms
