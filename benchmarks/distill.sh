@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Distillation on bundled BCCD (320 px): teacher bccd_teacher (cspdarknet-s) -> student
 # cspdarknet-t, 20 epochs, seeds 0 1 2. Baseline (no KD) and every method share data, schedule
-# and seed. Also the teacher-size effect: a smaller teacher (cspdarknet-n, trained here with the
-# teacher recipe) for the same student.
+# and seed. Also the teacher-size effect: a teacher of the student's own size (cspdarknet-t, the
+# bccd_student recipe: 40 epochs, seed 0) for the same student. Validation every 4 epochs
+# (epochs 4, 8, ..., 20), the same for every run.
 #   benchmarks/distill.sh [OUT_DIR] [PARALLEL]     (default runs/kd20, 2 runs at a time, 1 thread each)
 # then: kdet compare OUT_DIR/*  (or python benchmarks/distill_table.py OUT_DIR)
 set -euo pipefail
@@ -10,11 +11,11 @@ OUT=${1:-runs/kd20}
 PARALLEL=${2:-2}
 KDET=${KDET:-kdet}
 EPOCHS=20
-COMMON="--set train.epochs=$EPOCHS --set train.threads=1"
+COMMON="--set train.epochs=$EPOCHS --set train.threads=1 --set train.eval_every=4"
 mkdir -p "$OUT"
 jobs=()
 for seed in 0 1 2; do
-  if [ $seed = 1 ]; then jobs+=("$KDET train bccd_teacher --set model.size=n --set train.threads=1 --out $OUT/teacher_n"); fi
+  if [ $seed = 1 ]; then jobs+=("$KDET train bccd_student --set train.threads=1 --out $OUT/teacher_t"); fi
   jobs+=("$KDET train bccd_student $COMMON --set seed=$seed --out $OUT/baseline-s$seed")
   jobs+=("$KDET distill bccd_distill $COMMON --set seed=$seed --set 'distill.terms=[{loss: objectness_scaled, weight: 1.0}]' --out $OUT/objectness_scaled-s$seed")
   jobs+=("$KDET distill bccd_distill $COMMON --set seed=$seed --set 'distill.terms=[{loss: l2_logits, weight: 1.0}]' --out $OUT/l2_logits-s$seed")
@@ -22,7 +23,7 @@ for seed in 0 1 2; do
   jobs+=("$KDET distill bccd_distill $COMMON --set seed=$seed --set 'distill.terms=[{loss: fitnet, student: neck, weight: 0.5}]' --out $OUT/fitnet-s$seed")
 done
 for seed in 0 1 2; do
-  jobs+=("$KDET distill bccd_distill $COMMON --set seed=$seed --set teacher.checkpoint=$OUT/teacher_n/best.pt --set 'distill.terms=[{loss: objectness_scaled, weight: 1.0}]' --out $OUT/objectness_scaled-teacher_n-s$seed")
+  jobs+=("$KDET distill bccd_distill $COMMON --set seed=$seed --set teacher.checkpoint=$OUT/teacher_t/best.pt --set 'distill.terms=[{loss: objectness_scaled, weight: 1.0}]' --out $OUT/objectness_scaled-teacher_t-s$seed")
 done
 run_one() {
   local cmd=$1 out=${1##*--out }

@@ -68,10 +68,12 @@ def config_path(name: str) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import load_student_config
     from .engine.trainer import train
 
-    config = load_config(config_path(args.config), args.set)
+    config, was_distill = load_student_config(config_path(args.config), args.set)
+    if was_distill:
+        _log("a distillation config: training its student without the teacher (the baseline for kdet distill)")
     if args.resume and not args.out:
         raise ValueError("--resume needs --out RUN_DIR: the run to continue")
     out = Path(args.out) if args.out else default_run_dir(args.config)

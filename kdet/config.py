@@ -179,6 +179,17 @@ def load_config(
     return validate_config(raw, source=source, lines=lines, overridden=overridden, schema=schema)
 
 
+def load_student_config(path: str | Path, overrides: list[str] | None = None) -> tuple[Config, bool]:
+    """A training config from ``path``; from a distillation config, its student alone (the
+    teacher and the terms dropped): the baseline with the same data, schedule and seed.
+    Returns ``(config, whether teacher/distill keys were dropped)``."""
+    loaded = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
+    if isinstance(loaded, dict) and ("teacher" in loaded or "distill" in loaded):
+        config = load_config(path, overrides, schema=DistillConfig)
+        return Config.model_validate(config.model_dump(exclude={"teacher", "distill"})), True
+    return load_config(path, overrides), False
+
+
 def validate_config(
     raw: dict, *, source: str = "config", lines: dict | None = None, overridden: set | None = None, schema: type[Config] = Config
 ) -> Config:

@@ -183,3 +183,11 @@ def test_demo_pairs_baseline_and_distilled_student():
         assert getattr(baseline, key) == getattr(distilled, key), key
     assert baseline.train.epochs == 3 and distilled.teacher.checkpoint == "bundled:bccd_teacher"
     assert distilled.distill.terms
+
+
+def test_train_on_a_distillation_config_trains_the_baseline(shapes_voc, teacher_checkpoint, tmp_path):
+    config = write_yaml(tmp_path / "kd.yaml", distill_dict(shapes_voc, teacher_checkpoint))
+    assert main(["train", str(config), "--out", str(tmp_path / "base")]) == 0
+    saved = yaml.safe_load((tmp_path / "base" / "config.yaml").read_text())
+    assert "teacher" not in saved and "distill" not in saved
+    assert saved["model"]["size"] == "p"
