@@ -18,6 +18,8 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from .losses import DISTILL_LOSSES
+
 
 @dataclass
 class Run:
@@ -72,7 +74,7 @@ def method_name(config: dict) -> str:
     kinds = {"response": distill.get("response", True), "features": distill.get("features", True)}
     names = []
     for term in terms:
-        feature = term["loss"] in ("fitnet",)
+        feature = term["loss"] in DISTILL_LOSSES and DISTILL_LOSSES.get(term["loss"]).kind == "feature"
         if (feature and not kinds["features"]) or (not feature and not kinds["response"]):
             continue
         names.append(f"{term['loss']}" + (f"({term.get('student', 'head')})" if feature else "") + f" x{term.get('weight', 1.0):g}")
