@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -196,14 +196,16 @@ def _pair_response(report: PairingReport, plan: TermPlan, box_space: str) -> Non
     plan.pick_teacher_anchor = anchors_differ
     if box_space == "raw":
         if anchors_differ or boxes_differ:
-            why = ("the heads have different anchors per location" if anchors_differ else
-                   "the heads' families differ" if teacher.family != student.family else
-                   "the two heads use different anchor boxes, so their raw box outputs mean different boxes")
-            report.errors.append(
-                f"{where}: {plan.config.loss} compares raw head maps one to one, but {why}. Use objectness_scaled or kl, "
-                f"which compare probabilities and decoded boxes, or give the student the teacher's anchors "
-                f"(model.anchors: {[list(map(list, level.anchors)) for level in teacher.levels] if teacher.levels[0].anchors else 'none'})."
-            )
+            fix = "Use objectness_scaled or kl, which compare probabilities and decoded boxes"
+            if teacher.family != student.family:
+                why = f"the heads' families differ (teacher {teacher.family}, student {student.family})"
+            else:
+                why = ("the heads have different anchors per location" if anchors_differ else
+                       "the two heads use different anchor boxes, so their raw box outputs mean different boxes")
+                if teacher.levels[0].anchors is not None:
+                    anchors = [[list(a) for a in level.anchors] for level in teacher.levels]
+                    fix += f", or give the student the teacher's anchors (model.anchors: {anchors})"
+            report.errors.append(f"{where}: {plan.config.loss} compares raw head maps one to one, but {why}. {fix}.")
             return
         plan.box_space = "raw"
     else:
@@ -213,6 +215,9 @@ def _pair_response(report: PairingReport, plan: TermPlan, box_space: str) -> Non
         t_a = sorted({teacher.levels[t].num_anchors for _, t in plan.level_pairs})
         plan.notes.append(f"anchors per location: teacher {t_a}, student {s_a}; every student anchor learns from the "
                           f"teacher's most confident anchor at the same location")
+    if plan.config.loss == "kl" and len(report.student_classes) == 1 and plan.config.args.get("mode", "softmax") == "softmax":
+        plan.notes.append("one shared class: a softmax over one class is always 1, so kl would be 0; "
+                          "set args: {mode: sigmoid} (one Bernoulli per class)")
     pairs = ", ".join(f"{student.levels[s].name}<-{teacher.levels[t].name}" for s, t in plan.level_pairs)
     plan.notes.insert(0, f"levels paired by stride: {pairs}; boxes compared as "
                          + ("raw head outputs" if plan.box_space == "raw" else "distances to the box edges in strides"))
@@ -308,9 +313,13 @@ def ltrb_in_strides(level: HeadLevel) -> Tensor:
 
 
 def response_level(level: HeadLevel, box_space: str, classes: list[int] | None) -> ResponseLevel:
-    cls_logits = level.cls_logits if classes is None else level.cls_logits[:, :, classes]
+    """``level`` as response losses read it, keeping only ``classes`` (the classes both models
+    know, in the student's order): a teacher's confidence in a class the student does not have
+    is background to the student, so the quality takes the best of the kept classes only."""
+    if classes is not None:
+        level = replace(level, cls_logits=level.cls_logits[:, :, classes])
     box = level.box if box_space == "raw" else ltrb_in_strides(level)
-    return ResponseLevel(cls_logits, box, level.score, level_quality(level))
+    return ResponseLevel(level.cls_logits, box, level.score, level_quality(level))
 
 
 def pick_best_anchor(level: ResponseLevel, num_anchors: int) -> ResponseLevel:
