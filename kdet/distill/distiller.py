@@ -51,12 +51,15 @@ def load_teacher(config: TeacherConfig, class_names: list[str], input_size: int)
             raise ConfigError(f"teacher.checkpoint: {error}") from None
         trained_size = config.input_size or int(payload["input_size"])
     elif config.model:
-        if config.model.anchors == "auto":
+        if config.model.family == "yolo" and config.model.anchors == "auto":
             raise ConfigError("teacher.model.anchors: 'auto' is only for training; give the anchors the teacher was trained "
                               "with (or 'default')")
         if not config.weights:
             raise ConfigError("teacher.weights: teacher.model needs the weights file it was trained to")
-        teacher = build_model(ModelConfig.model_validate({**config.model.model_dump(), "pretrained_backbone": None}), class_names, input_size)
+        model_config = config.model.model_dump()
+        if model_config["anchors"] == "auto":  # only yolo reads anchors
+            model_config["anchors"] = "default"
+        teacher = build_model(ModelConfig.model_validate({**model_config, "pretrained_backbone": None}), class_names, input_size)
         load_weights_file(teacher, config.weights, what="teacher.weights")
         trained_size = config.input_size or input_size
     else:
