@@ -191,3 +191,26 @@ def test_train_on_a_distillation_config_trains_the_baseline(shapes_voc, teacher_
     saved = yaml.safe_load((tmp_path / "base" / "config.yaml").read_text())
     assert "teacher" not in saved and "distill" not in saved
     assert saved["model"]["size"] == "p"
+
+
+def test_teacher_from_a_model_config_and_a_state_dict(tmp_path):
+    from kdet.config import ModelConfig, TeacherConfig
+    from kdet.distill.distiller import load_teacher
+    from kdet.models import build_model
+
+    config = ModelConfig(family="fcos", backbone="resnet18", fpn_channels=64)
+    torch.manual_seed(1)
+    original = build_model(config, ["a", "b"], 64).eval()
+    torch.save(original.state_dict(), tmp_path / "fcos.pt")
+    teacher, trained_size = load_teacher(TeacherConfig(model=config, weights=str(tmp_path / "fcos.pt"), input_size=96), ["a", "b"], 64)
+    assert trained_size == 96 and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    images = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(teacher(images).head[0].cls_logits, original(images).head[0].cls_logits)
+    with pytest.raises(ConfigError, match="teacher.weights"):
+        load_teacher(TeacherConfig(model=config), ["a", "b"], 64)
+    with pytest.raises(ConfigError, match="not both"):
+        load_teacher(TeacherConfig(model=config, checkpoint="x.pt"), ["a", "b"], 64)
+    with pytest.raises(ConfigError, match="teacher.checkpoint"):
+        load_teacher(TeacherConfig(checkpoint=str(tmp_path / "missing.pt")), ["a", "b"], 64)
