@@ -14,16 +14,19 @@ EPOCHS=20
 COMMON="--set train.epochs=$EPOCHS --set train.threads=1 --set train.eval_every=4"
 mkdir -p "$OUT"
 jobs=()
+TERMS_OBJ="[{loss: objectness_scaled, weight: 1.0}]"
+TERMS_OBJ_BALANCED="[{loss: objectness_scaled, weight: 1.0, args: {box_weight: 0.05}}]"
 for seed in 0 1 2; do
   if [ $seed = 1 ]; then jobs+=("$KDET train bccd_student --set train.threads=1 --out $OUT/teacher_t"); fi
   jobs+=("$KDET train bccd_student $COMMON --set seed=$seed --out $OUT/baseline-s$seed")
-  jobs+=("$KDET distill bccd_distill $COMMON --set seed=$seed --set 'distill.terms=[{loss: objectness_scaled, weight: 1.0}]' --out $OUT/objectness_scaled-s$seed")
+  jobs+=("$KDET distill bccd_distill $COMMON --set seed=$seed --set 'distill.terms=$TERMS_OBJ_BALANCED' --out $OUT/objectness_scaled_box0.05-s$seed")
+  jobs+=("$KDET distill bccd_distill $COMMON --set seed=$seed --set 'distill.terms=$TERMS_OBJ' --out $OUT/objectness_scaled-s$seed")
   jobs+=("$KDET distill bccd_distill $COMMON --set seed=$seed --set 'distill.terms=[{loss: l2_logits, weight: 1.0}]' --out $OUT/l2_logits-s$seed")
   jobs+=("$KDET distill bccd_distill $COMMON --set seed=$seed --set 'distill.terms=[{loss: kl, weight: 1.0, args: {temperature: 2.0}}]' --out $OUT/kl-s$seed")
   jobs+=("$KDET distill bccd_distill $COMMON --set seed=$seed --set 'distill.terms=[{loss: fitnet, student: neck, weight: 0.5}]' --out $OUT/fitnet-s$seed")
 done
 for seed in 0 1 2; do
-  jobs+=("$KDET distill bccd_distill $COMMON --set seed=$seed --set teacher.checkpoint=$OUT/teacher_t/best.pt --set 'distill.terms=[{loss: objectness_scaled, weight: 1.0}]' --out $OUT/objectness_scaled-teacher_t-s$seed")
+  jobs+=("$KDET distill bccd_distill $COMMON --set seed=$seed --set teacher.checkpoint=$OUT/teacher_t/best.pt --set 'distill.terms=$TERMS_OBJ_BALANCED' --out $OUT/objectness_scaled_box0.05-teacher_t-s$seed")
 done
 run_one() {
   local cmd=$1 out=${1##*--out }

@@ -37,6 +37,7 @@ class ResponseLevel:
     box: Tensor
     score: Tensor | None
     quality: Tensor
+    box_space: str = "raw"  # "raw" head outputs, or "ltrb" distances in strides
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class DistillLoss:
     fn: Callable[..., Tensor]
     kind: str
     connector: str = "conv"
-    box_space: str = "decoded"  # response losses: what the box maps must hold
+    box_space: str = "auto"  # response losses: "raw" maps only, or "auto": raw when the heads agree, else decoded
 
 
 DISTILL_LOSSES: Registry[DistillLoss] = Registry("distillation loss")
@@ -141,8 +142,16 @@ def kl(
 
 
 @register("objectness_scaled", "response")
-def objectness_scaled(student: list[ResponseLevel], teacher: list[ResponseLevel]) -> Tensor:
-    """Mehta & Ozay's loss for one-stage detectors: ``L_obj + L_cls + L_box``.
+def objectness_scaled(
+    student: list[ResponseLevel],
+    teacher: list[ResponseLevel],
+    *,
+    obj_weight: float = 1.0,
+    cls_weight: float = 1.0,
+    box_weight: float = 1.0,
+) -> Tensor:
+    """Mehta & Ozay's loss for one-stage detectors:
+    ``obj_weight * L_obj + cls_weight * L_cls + box_weight * L_box`` (the paper: all 1).
 
     ``L_obj``: squared difference of the student's and the teacher's quality (objectness
     probability for YOLO heads), averaged over every location.
@@ -151,9 +160,19 @@ def objectness_scaled(student: list[ResponseLevel], teacher: list[ResponseLevel]
     teacher's quality, so the flood of background locations, where the teacher's class and box
     outputs mean nothing, does not dominate.
 
+    Boxes are compared as the heads output them (``box_space="raw"``, the paper's choice) when
+    both heads are of one kind with the same anchors. Otherwise they come decoded, as distances
+    to the box edges in strides (``"ltrb"``), and each difference is divided by the teacher
+    box's size (half its width plus height, at least one stride): raw distances grow with the
+    object, and their squared error would let large boxes drown every other term.
+
     FCOS heads have no objectness; their quality is ``sigmoid(centerness) * max_c sigmoid(cls)``,
     the score their detections are ranked by (up to torchvision's square root), which plays the
     same role: near zero on background, high on the boxes the teacher would keep.
+
+    The component weights let the three parts be balanced like the detector's own loss terms:
+    with equal weights the box part's gradient can be tens of times the detector's (YOLOv5
+    weights its own box loss by 0.05), see BENCHMARKS.md.
 
     Reference: Mehta & Ozay, "Object detection at 200 Frames Per Second", ECCV Workshops 2018
     (arXiv:1805.06361), section 3.2.
@@ -162,10 +181,18 @@ def objectness_scaled(student: list[ResponseLevel], teacher: list[ResponseLevel]
     for s, t in zip(student, teacher):
         obj_values.append((s.quality - t.quality).square())
         cls_values.append((s.cls_logits.sigmoid() - t.cls_logits.sigmoid()).square().mean(2, keepdim=True))
-        box_values.append((s.box - t.box).square().mean(2, keepdim=True))
+        difference = s.box - t.box
+        if t.box_space == "ltrb":
+            difference = difference / _box_scale(t.box)
+        box_values.append(difference.square().mean(2, keepdim=True))
         weights.append(t.quality)
     obj = sum(v.sum() for v in obj_values) / sum(v.numel() for v in obj_values)
-    return obj + _weighted_mean(cls_values, weights) + _weighted_mean(box_values, weights)
+    return obj_weight * obj + cls_weight * _weighted_mean(cls_values, weights) + box_weight * _weighted_mean(box_values, weights)
+
+
+def _box_scale(ltrb: Tensor) -> Tensor:
+    """Half of (width + height) of boxes given as ``[N, A, 4, H, W]`` edge distances, at least 1."""
+    return ((ltrb[:, :, 0:1] + ltrb[:, :, 2:3] + ltrb[:, :, 1:2] + ltrb[:, :, 3:4]) / 2).clamp_min(1.0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -191,7 +191,7 @@ def _pair_response(report: PairingReport, plan: TermPlan, box_space: str) -> Non
         student.levels[s].num_anchors != teacher.levels[t].num_anchors for s, t in plan.level_pairs
     )
     boxes_differ = teacher.family != student.family or any(
-        student.levels[s].anchors != teacher.levels[t].anchors for s, t in plan.level_pairs
+        not _same_anchors(student.levels[s].anchors, teacher.levels[t].anchors) for s, t in plan.level_pairs
     )
     plan.pick_teacher_anchor = anchors_differ
     if box_space == "raw":
@@ -209,7 +209,7 @@ def _pair_response(report: PairingReport, plan: TermPlan, box_space: str) -> Non
             return
         plan.box_space = "raw"
     else:
-        plan.box_space = "decoded"
+        plan.box_space = "decoded" if anchors_differ or boxes_differ else "raw"
     if anchors_differ:
         s_a = sorted({student.levels[s].num_anchors for s, _ in plan.level_pairs})
         t_a = sorted({teacher.levels[t].num_anchors for _, t in plan.level_pairs})
@@ -221,6 +221,13 @@ def _pair_response(report: PairingReport, plan: TermPlan, box_space: str) -> Non
     pairs = ", ".join(f"{student.levels[s].name}<-{teacher.levels[t].name}" for s, t in plan.level_pairs)
     plan.notes.insert(0, f"levels paired by stride: {pairs}; boxes compared as "
                          + ("raw head outputs" if plan.box_space == "raw" else "distances to the box edges in strides"))
+
+
+def _same_anchors(a, b) -> bool:
+    """Anchor lists equal up to float rounding (a checkpoint may store them in fp16)."""
+    if a is None or b is None:
+        return a is b
+    return len(a) == len(b) and all(abs(x - y) <= 1e-3 * max(1.0, abs(y)) for p, q in zip(a, b) for x, y in zip(p, q))
 
 
 def _feature_names(spec: ModelSpec, name: str) -> list[str]:
@@ -318,8 +325,9 @@ def response_level(level: HeadLevel, box_space: str, classes: list[int] | None) 
     is background to the student, so the quality takes the best of the kept classes only."""
     if classes is not None:
         level = replace(level, cls_logits=level.cls_logits[:, :, classes])
-    box = level.box if box_space == "raw" else ltrb_in_strides(level)
-    return ResponseLevel(level.cls_logits, box, level.score, level_quality(level))
+    if box_space == "raw":
+        return ResponseLevel(level.cls_logits, level.box, level.score, level_quality(level), "raw")
+    return ResponseLevel(level.cls_logits, ltrb_in_strides(level), level.score, level_quality(level), "ltrb")
 
 
 def pick_best_anchor(level: ResponseLevel, num_anchors: int) -> ResponseLevel:

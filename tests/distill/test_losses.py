@@ -447,3 +447,20 @@ def test_pick_best_anchor_repeats_the_most_confident_anchor():
                 assert (picked.cls_logits[image, :, :, row, col] == anchor).all()
                 assert (picked.box[image, :, :, row, col] == anchor + 10).all()
                 assert (picked.quality[image, :, 0, row, col] == quality[image, :, 0, row, col].max()).all()
+
+
+def test_objectness_scaled_component_weights_and_decoded_boxes_by_hand():
+    s_cls, t_cls = [[0.0, 1.0]], [[1.0, -1.0]]
+    q_s, q_t = 0.2, 0.6
+    # teacher box: l, t, r, b = 1, 1, 3, 3 strides -> width 4, height 4, scale (4 + 4) / 2 = 4
+    s_box, t_box = [[2.0, 1.0, 3.0, 1.0]], [[1.0, 1.0, 3.0, 3.0]]
+    student = hand_level(s_cls, s_box, quality=[[q_s]])
+    teacher = hand_level(t_cls, t_box, quality=[[q_t]])
+    obj = (q_s - q_t) ** 2
+    cls = sum((sigmoid(a) - sigmoid(b)) ** 2 for a, b in zip(s_cls[0], t_cls[0])) / 2
+    raw_box = (1 + 0 + 0 + 4) / 4
+    value = loss_fn("objectness_scaled")([student], [teacher], obj_weight=2.0, cls_weight=0.5, box_weight=0.1)
+    assert value.item() == pytest.approx(2.0 * obj + 0.5 * cls + 0.1 * raw_box, rel=1e-6)
+    teacher.box_space = student.box_space = "ltrb"  # decoded: differences relative to the teacher box size
+    decoded = loss_fn("objectness_scaled")([student], [teacher])
+    assert decoded.item() == pytest.approx(obj + cls + raw_box / 16, rel=1e-6)

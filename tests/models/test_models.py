@@ -356,3 +356,22 @@ def test_fcos_state_dict_names_each_parameter_once_and_copies_stay_wired():
         a = model.eval()(images, decode=True).detections[0]
         b = clone.eval()(images, decode=True).detections[0]
     assert torch.equal(a.boxes, b.boxes) and torch.equal(a.scores, b.scores)
+
+
+def test_yolo_loss_gradient_stays_finite_when_a_predicted_box_collapses():
+    """A size logit so negative that sigmoid underflows gives a box of height exactly 0; the
+    CIoU's aspect term must not turn that into a NaN gradient."""
+    from kdet.losses.yolo import YOLOv5Loss
+    from kdet.structures import HeadLevel
+
+    torch.manual_seed(0)
+    box = torch.zeros(1, 1, 4, 4, 4)
+    box[:, :, 3] = -200.0  # height logit: sigmoid underflows to 0 in float32
+    box.requires_grad_(True)
+    cls = torch.zeros(1, 1, 2, 4, 4, requires_grad=True)
+    score = torch.zeros(1, 1, 1, 4, 4, requires_grad=True)
+    level = HeadLevel("p3", 8, cls, box, score, "objectness", "yolov5", torch.tensor([[10.0, 10.0]]))
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 14.0, 14.0]]), "labels": torch.tensor([1])}]
+    losses = YOLOv5Loss(2)([level], targets)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(t.grad).all() for t in (box, cls, score))
