@@ -14,8 +14,9 @@ from torchvision.ops import box_convert, complete_box_iou_loss
 
 from ..structures import HeadLevel, Targets
 
-# smallest predicted width/height (grid units) the box loss sees
-MIN_BOX_SIZE = 1e-7
+# smallest predicted width/height the box loss sees, in grid units: large enough that y2 - y1
+# stays positive in float32 for centres up to 1.5 cells from the corner
+MIN_BOX_SIZE = 1e-4
 
 # the cell itself, then the neighbour to the left, above, right, below
 _NEIGHBOUR_OFFSETS = torch.tensor([[0, 0], [1, 0], [0, 1], [-1, 0], [0, -1]], dtype=torch.float32) * 0.5
@@ -139,7 +140,7 @@ class YOLOv5Loss:
                 raw_box = level.box[match.image, match.anchor, :, match.row, match.col]  # [n, 4]
                 predicted = decode_cell_boxes(raw_box, match.anchor_wh)
                 # a saturated size logit gives a width or height of exactly 0, and the CIoU's
-                # aspect term (atan(w / h)) a NaN gradient; YOLOv5 adds 1e-7 there for the same reason
+                # aspect term (atan(w / h)) a NaN gradient (YOLOv5 adds an epsilon there for the same reason)
                 predicted = torch.cat([predicted[:, :2], predicted[:, 2:].clamp_min(MIN_BOX_SIZE)], 1)
                 ciou_loss = complete_box_iou_loss(
                     box_convert(predicted, "cxcywh", "xyxy"), box_convert(match.box, "cxcywh", "xyxy"), reduction="none"
