@@ -134,6 +134,10 @@ class DistillSettings(Strict):
     response: bool = Field(True, description="switch every response (head output) term on or off")
     features: bool = Field(True, description="switch every feature term on or off")
     terms: list[TermConfig] = Field(default_factory=list)
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="term weights over training: constant, or decaying (linear/cosine) to final_ratio at the last step"
+    )
+    final_ratio: float = Field(0.0, ge=0, le=1, description="term weight factor at the end of a decaying schedule")
 
 
 class DistillConfig(Config):

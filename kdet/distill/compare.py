@@ -78,7 +78,10 @@ def method_name(config: dict) -> str:
         if (feature and not kinds["features"]) or (not feature and not kinds["response"]):
             continue
         names.append(f"{term['loss']}" + (f"({term.get('student', 'head')})" if feature else "") + f" x{term.get('weight', 1.0):g}")
-    return " + ".join(names) or "labels only"
+    text = " + ".join(names) or "labels only"
+    if names and distill.get("schedule", "constant") != "constant":
+        text += f", {distill['schedule']} decay to {distill.get('final_ratio', 0.0):g}"
+    return text
 
 
 def _metrics_row(results_list: list[dict]) -> dict:

@@ -8,6 +8,7 @@ checkpoints; it treats a distiller as a training objective.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -76,12 +77,17 @@ class Distiller(Objective):
     eval mode whatever ``train()`` is called with.
     """
 
-    def __init__(self, teacher: Detector, report: PairingReport, hard_weight: float = 1.0) -> None:
+    def __init__(
+        self, teacher: Detector, report: PairingReport, hard_weight: float = 1.0, *, schedule: str = "constant", final_ratio: float = 0.0
+    ) -> None:
         super().__init__()
         report.raise_errors()
         self.teacher = teacher.eval().requires_grad_(False)
         self.report = report
         self.hard_weight = hard_weight
+        self.schedule = schedule
+        self.final_ratio = final_ratio
+        self.progress = 0.0
         self.plans = [plan for plan in report.terms if plan.active]
         self.connectors = nn.ModuleDict()
         for plan in self.plans:
@@ -96,6 +102,21 @@ class Distiller(Objective):
     @staticmethod
     def connector_key(plan: TermPlan, feature: FeaturePair) -> str:
         return f"term{plan.index}_{feature.student.replace('.', '_')}"
+
+    def set_progress(self, fraction: float) -> None:
+        self.progress = fraction
+
+    def weight_factor(self) -> float:
+        """Factor on every term's weight at the current point of training: 1 for a constant
+        schedule; a linear or cosine decay from 1 to ``final_ratio`` over the run otherwise,
+        so the student leans on the teacher early and fits the labels at the end."""
+        if self.schedule == "constant":
+            return 1.0
+        if self.schedule == "linear":
+            decay = 1.0 - self.progress
+        else:
+            decay = 0.5 * (1.0 + math.cos(math.pi * self.progress))
+        return self.final_ratio + (1.0 - self.final_ratio) * decay
 
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)
@@ -115,10 +136,13 @@ class Distiller(Objective):
             teacher_out = self.teacher(images)
         losses = {f"det_{k}": v.detach() for k, v in out.losses.items()}
         total = self.hard_weight * out.loss
+        factor = self.weight_factor()
         for plan in self.plans:
             value = self.term(plan, out, teacher_out)
             losses[f"kd{plan.index}_{plan.config.loss}"] = value.detach()
-            total = total + plan.config.weight * value
+            total = total + factor * plan.config.weight * value
+        if self.schedule != "constant":
+            losses["kd_weight_factor"] = torch.tensor(factor)
         return total, losses
 
     def term(self, plan: TermPlan, student: DetectorOutput, teacher: DetectorOutput) -> Tensor:

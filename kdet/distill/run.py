@@ -39,7 +39,8 @@ def distill(config: DistillConfig, out_dir: str | Path, *, resume: bool = False,
             run_log(line)
         (out_dir / "pairing.json").write_text(json.dumps(report_dict(report), indent=1))
         made.update(teacher=teacher[0], index=index)
-        return Distiller(teacher[0], report, config.distill.hard_weight)
+        return Distiller(teacher[0], report, config.distill.hard_weight, schedule=config.distill.schedule,
+                         final_ratio=config.distill.final_ratio)
 
     results = train(config, out_dir, resume=resume, log=log, progress=progress, objective=build)
     results["teacher"] = teacher_results(made["teacher"], config, made["index"], log)

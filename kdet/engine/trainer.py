@@ -48,6 +48,9 @@ class Objective(nn.Module):
     def load_saved_state(self, state: dict) -> None:
         self.load_state_dict(state)
 
+    def set_progress(self, fraction: float) -> None:
+        """Called before every step with the fraction of training done, in ``[0, 1)``."""
+
 
 ObjectiveFactory = Callable[[Detector, DatasetIndex, Log], Objective]
 
@@ -297,6 +300,7 @@ def train(
                     output = model(images, targets)
                     loss, losses = output.loss, output.losses
                 else:
+                    extra.set_progress(((epoch - 1) * steps_per_epoch + step) / (config.train.epochs * steps_per_epoch))
                     loss, losses = extra(model, images, targets)
             check_finite(losses, loss, epoch, step)
             optimizer.zero_grad(set_to_none=True)

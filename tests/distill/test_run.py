@@ -214,3 +214,28 @@ def test_teacher_from_a_model_config_and_a_state_dict(tmp_path):
         load_teacher(TeacherConfig(model=config, checkpoint="x.pt"), ["a", "b"], 64)
     with pytest.raises(ConfigError, match="teacher.checkpoint"):
         load_teacher(TeacherConfig(checkpoint=str(tmp_path / "missing.pt")), ["a", "b"], 64)
+
+
+@pytest.mark.parametrize("schedule, middle", [("constant", 1.0), ("linear", 0.6), ("cosine", 0.6)])
+def test_term_weight_schedules(schedule, middle):
+    from kdet.distill.distiller import Distiller
+
+    distiller = Distiller.__new__(Distiller)  # the schedule needs no teacher
+    distiller.schedule, distiller.final_ratio = schedule, 0.2
+    values = []
+    for progress in (0.0, 0.5, 1.0):
+        distiller.progress = progress
+        values.append(distiller.weight_factor())
+    assert values[0] == pytest.approx(1.0)
+    assert values[1] == pytest.approx(middle)  # halfway: 0.2 + 0.8 * 0.5 for both decays
+    assert values[2] == pytest.approx(1.0 if schedule == "constant" else 0.2)
+
+
+def test_decaying_schedule_is_applied_during_training(shapes_voc, teacher_checkpoint, tmp_path):
+    data = distill_dict(shapes_voc, teacher_checkpoint, epochs=3)
+    data["distill"]["schedule"] = "linear"
+    out = tmp_path / "run"
+    distill(validate_config(data, schema=DistillConfig), out, log=quiet, progress=False)
+    factors = [json.loads(line)["loss_kd_weight_factor"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert factors[0] > factors[1] > factors[2] > 0
+    assert factors[0] <= 1.0
