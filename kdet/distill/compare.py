@@ -18,6 +18,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from ..config import Config, ConfigError, DistillConfig, config_to_dict, validate_config
 from .losses import DISTILL_LOSSES
 
 
@@ -52,10 +53,19 @@ def collect_runs(paths: list[Path]) -> list[Run]:
         if not results.is_file() or not config.is_file():
             missing = "results.json" if not results.is_file() else "config.yaml"
             raise FileNotFoundError(f"{path}: no {missing}; give run directories of finished kdet train / kdet distill runs")
-        runs.append(Run(path, yaml.safe_load(config.read_text()), json.loads(results.read_text())))
+        runs.append(Run(path, _with_defaults(yaml.safe_load(config.read_text())), json.loads(results.read_text())))
     if not runs:
         raise ValueError("no run directories given")
     return runs
+
+
+def _with_defaults(config: dict) -> dict:
+    """The config with every default filled in, so runs saved before a key existed group with newer ones."""
+    schema = DistillConfig if "distill" in config else Config
+    try:
+        return config_to_dict(validate_config(config, schema=schema))
+    except ConfigError:
+        return config
 
 
 def _stat(values: list[float]) -> dict:
@@ -77,7 +87,9 @@ def method_name(config: dict) -> str:
         feature = term["loss"] in DISTILL_LOSSES and DISTILL_LOSSES.get(term["loss"]).kind == "feature"
         if (feature and not kinds["features"]) or (not feature and not kinds["response"]):
             continue
-        names.append(f"{term['loss']}" + (f"({term.get('student', 'head')})" if feature else "") + f" x{term.get('weight', 1.0):g}")
+        args = ", ".join(f"{k}={v}" for k, v in sorted((term.get("args") or {}).items()))
+        where = f"({term.get('student', 'head')})" if feature else ""
+        names.append(f"{term['loss']}{where}" + (f" [{args}]" if args else "") + f" x{term.get('weight', 1.0):g}")
     text = " + ".join(names) or "labels only"
     if names and distill.get("schedule", "constant") != "constant":
         text += f", {distill['schedule']} decay to {distill.get('final_ratio', 0.0):g}"
