@@ -195,6 +195,32 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .engine.export import export_checkpoint
+
+    report, source = export_checkpoint(args.checkpoint, args.out, dynamic_batch=args.dynamic_batch, fp16=args.fp16, opset=args.opset)
+    batch = "dynamic batch" if report.dynamic_batch else f"batch {report.batch}"
+    precision = "fp16, fp32 inputs/outputs" if report.fp16 else "fp32"
+    _log(f"wrote {report.path} ({report.bytes / 1e6:.1f} MB, {precision}, opset {report.opset}, {batch}); onnx.checker passed")
+    tol = report.tolerance
+    _log(f"ONNX Runtime vs PyTorch on {source}: boxes max |diff| {report.max_box_diff:.2g} px (tolerance {tol.boxes:g}), "
+         f"scores {report.max_score_diff:.2g} (tolerance {tol.scores:g})")
+    _log(f"outputs: boxes [N, {report.num_boxes}, 4] xyxy input pixels, scores [N, {report.num_boxes}, C], before NMS; "
+         "apply NMS with kdet.engine.export.postprocess(boxes, scores, score_thresh, nms_iou, max_det)")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .engine.bench import bench, format_bench
+
+    report = bench(args.model, checkpoint=args.checkpoint, batch=args.batch, threads=args.threads, runs=args.runs, warmup=args.warmup)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        _log(format_bench(report))
+    return 0
+
+
 def _model_from_checkpoint_or_config(path: str, overrides: list[str], num_classes: int):
     """A trained checkpoint, or an untrained model built from a config's ``model`` section
     (default anchors, ``num_classes`` placeholder classes) for sizing before training."""
@@ -301,6 +327,27 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--runs", type=int, default=20)
     profile.add_argument("--json", action="store_true")
     profile.set_defaults(func=cmd_profile)
+
+    export = sub.add_parser("export", help="write a checkpoint as an ONNX model (boxes and per-class scores before NMS), checked against PyTorch")
+    export.add_argument("checkpoint", help="a kdet checkpoint (best.pt), or bundled:bccd_teacher")
+    export.add_argument("--format", default="onnx", choices=["onnx"], help="output format (default: onnx)")
+    export.add_argument("--out", help="output file (default: the checkpoint's name with .onnx, .fp16.onnx with --fp16; "
+                        "for bundled:NAME, NAME.onnx in the current directory)")
+    export.add_argument("--dynamic-batch", action="store_true", help="make the batch dimension dynamic (default: a fixed batch of 1)")
+    export.add_argument("--fp16", action="store_true", help="fp16 weights and arithmetic (half the file), converted with onnxruntime's float16 "
+                        "converter; inputs and outputs stay fp32. ONNX Runtime runs it on the CPU, more slowly than fp32")
+    export.add_argument("--opset", type=int, default=17, help="ONNX opset, 11 to 20 (default 17)")
+    export.set_defaults(func=cmd_export)
+
+    bench = sub.add_parser("bench", help="parameters, FLOPs, latency and images/s in PyTorch and ONNX Runtime (CPU), at a batch size")
+    bench.add_argument("model", metavar="CHECKPOINT_OR_ONNX", help="a checkpoint (.pt, or bundled:bccd_teacher; exported to ONNX on the fly) or an .onnx file")
+    bench.add_argument("--checkpoint", help="with an .onnx file: the checkpoint it was exported from, to bench PyTorch and count FLOPs too")
+    bench.add_argument("--batch", type=int, default=1, help="images per run (default 1)")
+    bench.add_argument("--threads", type=int, help="torch and ONNX Runtime intra-op threads (default: torch's current count)")
+    bench.add_argument("--runs", type=int, default=50, help="timed runs (default 50)")
+    bench.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(func=cmd_bench)
 
     demo = sub.add_parser("demo", help="distil the bundled BCCD teacher into a small student, train a baseline student, and compare the three")
     demo.add_argument("--out", default="runs/demo")
