@@ -6,7 +6,7 @@
 # (epochs 4, 8, ..., 20), the same for every run. Runs already finished are skipped, runs with a
 # last.pt are resumed, so the script can be stopped and started again.
 #   benchmarks/distill.sh [OUT_DIR] [PARALLEL]     (default runs/kd20, 2 runs at a time, 1 thread each)
-# then: kdet compare OUT_DIR/*  (or python benchmarks/distill_table.py OUT_DIR)
+# then: kdet compare OUT_DIR/*-s?/ [--markdown]
 set -euo pipefail
 OUT=${1:-runs/kd20}
 PARALLEL=${2:-2}
@@ -34,16 +34,5 @@ for seed in 0 1; do
 done
 # the same terms with their weights decaying to 0 over training (seeds 0 and 1)
 jobs+=("$(job_cosine 0)" "$(job_cosine 1)")
-run_one() {
-  local cmd=$1 out=${1##*--out }
-  if [ -f "$out/results.json" ]; then echo "done already: $out"; return 0; fi
-  if pgrep -f "python.*kdet .*--out $out( --resume)?\$" > /dev/null; then echo "running elsewhere: $out"; return 0; fi
-  if [ -f "$out/last.pt" ]; then cmd="$cmd --resume"; fi
-  mkdir -p "$out"
-  echo "start: $out"
-  eval "$cmd" > "$out.log" 2>&1 || { echo "FAILED: $out (see $out.log)"; return 1; }
-  echo "done: $out"
-}
-export -f run_one
-export KDET
-printf '%s\0' "${jobs[@]}" | xargs -0 -P "$PARALLEL" -I{} bash -c 'run_one "$@"' _ {}
+source "$(dirname "$0")/queue.sh"
+run_queue "$PARALLEL" "${jobs[@]}"

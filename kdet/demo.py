@@ -1,6 +1,6 @@
 """``kdet demo``: the main job on the bundled BCCD data, start to finish on a CPU.
 
-The bundled teacher (``bundled:bccd_teacher``, CSP-Darknet-s) is distilled into a student four
+The bundled teacher (``bundled:bccd_teacher``, CSP-Darknet-s) is distilled into a student seven
 times smaller (CSP-Darknet-t) with the ``bccd_distill`` recipe's terms; a baseline student is
 trained with the same data, schedule and seed and no teacher. The demo ends with the comparison
 table of ``kdet compare``.

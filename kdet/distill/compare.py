@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..config import Config, ConfigError, DistillConfig, config_to_dict, validate_config
@@ -199,7 +200,7 @@ def render_comparison(rows: list[dict], console: Console) -> None:
     for column in COLUMNS:
         table.add_column(column, justify="left" if column in ("role", "model", "method") else "right")
     for row in rows:
-        table.add_row(*_cells(row))
+        table.add_row(*(escape(cell) for cell in _cells(row)))  # method names hold [arguments]
     if not console.is_terminal:  # a log file or a pipe: do not squeeze the table into 80 columns
         console = Console(file=console.file, width=max(console.width, 200), highlight=False)
     console.print(table)

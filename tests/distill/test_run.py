@@ -147,7 +147,7 @@ def test_compare_pairs_distilled_runs_with_their_baseline(shapes_voc, teacher_ch
         base = tiny_config_dict(shapes_voc, epochs=1)
         base["seed"] = seed
         train(validate_config(base), tmp_path / f"base{seed}", log=quiet, progress=False)
-        kd = distill_dict(shapes_voc, teacher_checkpoint)
+        kd = distill_dict(shapes_voc, teacher_checkpoint, terms=[{"loss": "objectness_scaled", "weight": 1.0, "args": {"box_weight": 0.05}}])
         kd["seed"] = seed
         distill(validate_config(kd, schema=DistillConfig), tmp_path / f"kd{seed}", log=quiet, progress=False)
         runs += [tmp_path / f"base{seed}", tmp_path / f"kd{seed}"]
@@ -169,9 +169,10 @@ def test_compare_pairs_distilled_runs_with_their_baseline(shapes_voc, teacher_ch
         assert distilled["gap_closed"] == pytest.approx(expected)
     assert distilled["epoch_time_ratio"] > 0
     table = markdown_table(rows)
-    assert table.count("\n") == 4 and "objectness_scaled x1" in table
+    assert table.count("\n") == 4 and "objectness_scaled [box_weight=0.05] x1" in table
     assert main(["compare", *map(str, runs)]) == 0
-    assert "distilled" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "distilled" in printed and "[box_weight=0.05]" in printed  # not swallowed as console markup
 
 
 def test_compare_refuses_an_unfinished_run(tmp_path):
