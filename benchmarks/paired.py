@@ -1,0 +1,80 @@
+"""Markdown tables of distillation arms against their baseline, paired by seed.
+
+    python benchmarks/paired.py OUT_DIR BASELINE ARM [ARM ...]
+
+reads OUT_DIR/<name>-s<seed>/results.json (and config.yaml for the seed) and prints, per arm:
+AP@[.5:.95], AP50, AP75 and VOC mAP@0.5 (mean ± sample sd over seeds), the gain over the
+baseline of the same seed (mean ± sd, and per seed), and the fraction of the teacher-student gap
+closed on the means; then AP@[.5:.95] per class. `kdet compare` gives the same AP, AP50, VOC,
+ΔAP and gap figures; this adds AP75, AP50 gains, per-seed gains and the per-class table.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def load(out: Path, name: str) -> dict[int, dict]:
+    runs = {}
+    for run in sorted(out.glob(f"{name}-s[0-9]*")):
+        if run.is_dir() and (run / "results.json").is_file():
+            seed = yaml.safe_load((run / "config.yaml").read_text())["seed"]
+            runs[seed] = json.loads((run / "results.json").read_text())
+    if not runs:
+        raise SystemExit(f"no finished runs {out}/{name}-s<seed>/")
+    return runs
+
+
+def stat(values: list[float], signed: bool = False) -> str:
+    fmt = "+.3f" if signed else ".3f"
+    if len(values) == 1:
+        return f"{values[0]:{fmt}}"
+    return f"{statistics.fmean(values):{fmt}} ± {statistics.stdev(values):.3f}"
+
+
+def main(out: Path, baseline_name: str, arms: list[str]) -> None:
+    baseline = load(out, baseline_name)
+    teacher_ap = None
+    rows, per_class = [], []
+    for name in [baseline_name, *arms]:
+        runs = load(out, name)
+        seeds = sorted(runs)
+        coco = {s: runs[s]["metrics"]["coco"] for s in seeds}
+        if "teacher" in runs[seeds[0]] and teacher_ap is None:
+            teacher_ap = runs[seeds[0]]["teacher"]["metrics"]["coco"]["AP"]
+        cells = [name, ",".join(map(str, seeds))]
+        cells += [stat([coco[s][k] for s in seeds]) for k in ("AP", "AP50", "AP75")]
+        cells.append(stat([runs[s]["metrics"]["voc"]["mAP50_all"] for s in seeds]))
+        paired = [s for s in seeds if s in baseline]
+        if name == baseline_name or not paired:
+            cells += ["-"] * 5
+        else:
+            gains = {k: [coco[s][k] - baseline[s]["metrics"]["coco"][k] for s in paired] for k in ("AP", "AP50", "AP75")}
+            cells += [stat(gains[k], signed=True) for k in ("AP", "AP50", "AP75")]
+            cells.append(", ".join(f"{g:+.3f}" for g in gains["AP"]))
+            base_mean = statistics.fmean(baseline[s]["metrics"]["coco"]["AP"] for s in paired)
+            arm_mean = statistics.fmean(coco[s]["AP"] for s in paired)
+            teacher = runs[seeds[0]].get("teacher", {}).get("metrics", {}).get("coco", {}).get("AP")
+            cells.append(f"{(arm_mean - base_mean) / (teacher - base_mean):.0%}" if teacher and teacher > base_mean else "-")
+        rows.append(cells)
+        classes = list(coco[seeds[0]]["per_class"])
+        per_class.append([name] + [f"{statistics.fmean(coco[s]['per_class'][c]['AP'] for s in seeds):.3f}" for c in classes])
+    header = ["arm", "seeds", "AP@[.5:.95]", "AP50", "AP75", "VOC mAP@0.5", "ΔAP", "ΔAP50", "ΔAP75", "ΔAP per seed", "gap closed"]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for cells in rows:
+        print("| " + " | ".join(cells) + " |")
+    if teacher_ap is not None:
+        print(f"\nteacher AP@[.5:.95] {teacher_ap:.3f}; gap closed = (arm - baseline) / (teacher - baseline), means over paired seeds\n")
+    print("| arm | " + " | ".join(classes) + " |\n|" + "---|" * (len(classes) + 1))
+    for cells in per_class:
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 4:
+        raise SystemExit(__doc__)
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3:])
