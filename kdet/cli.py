@@ -103,12 +103,30 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from .config import DistillConfig, load_config
     from .distill.run import distill
 
-    config = load_config(config_path(args.config), args.set, schema=DistillConfig)
+    config = load_config(config_path(args.config), args.set + _teacher_cache_overrides(args), schema=DistillConfig)
     if args.resume and not args.out:
         raise ValueError("--resume needs --out RUN_DIR: the run to continue")
     out = Path(args.out) if args.out else default_run_dir(args.config)
     _log(f"run directory: {out}")
     distill(config, out, resume=args.resume, log=_log, progress=console.is_terminal)
+    return 0
+
+
+def _teacher_cache_overrides(args: argparse.Namespace) -> list[str]:
+    """``--teacher-cache DIR`` is ``--set distill.cache.dir=DIR``."""
+    return [f"distill.cache.dir={json.dumps(args.teacher_cache)}"] if args.teacher_cache else []
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from .config import DistillConfig, load_config
+    from .distill.run import build_cache
+
+    config = load_config(config_path(args.config), args.set + _teacher_cache_overrides(args), schema=DistillConfig)
+    # with --json, stdout holds the JSON alone and the progress lines go to stderr
+    log = (lambda message: err_console.print(message, markup=False, soft_wrap=True)) if args.json else _log
+    stats = build_cache(config, log=log)
+    if args.json:
+        print(json.dumps(stats, indent=1))
     return 0
 
 
@@ -291,7 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
                          help="override a config key, e.g. distill.features=false or 'distill.terms=[{loss: kl}]' (repeatable)")
     distill.add_argument("--out", help="run directory (default: runs/<config name>)")
     distill.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    distill.add_argument("--teacher-cache", metavar="DIR", help="read the teacher's outputs from a cache in DIR (built first "
+                         "where missing) instead of running the teacher on every batch; same as --set distill.cache.dir=DIR")
     distill.set_defaults(func=cmd_distill)
+
+    cache = sub.add_parser("cache", help="build the teacher-output cache a kdet distill run will read, without training")
+    cache.add_argument("config", help="a distillation YAML config, or a recipe name from kdet/configs: bccd_distill")
+    cache.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. train.epochs=20 or distill.cache.views=5 (repeatable)")
+    cache.add_argument("--teacher-cache", metavar="DIR", help="the cache directory (same as --set distill.cache.dir=DIR)")
+    cache.add_argument("--json", action="store_true", help="print what the build did as JSON")
+    cache.set_defaults(func=cmd_cache)
 
     compare = sub.add_parser("compare", help="table of teacher, baseline and distilled students from run directories")
     compare.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories of kdet train / kdet distill")

@@ -129,6 +129,14 @@ class TermConfig(Strict):
     args: dict[str, Any] = Field(default_factory=dict, description="the loss's own arguments")
 
 
+class TeacherCacheConfig(Strict):
+    dir: str | None = Field(None, description="directory of the teacher-output cache (kdet distill --teacher-cache DIR); "
+                            "unset: the teacher runs on every batch")
+    views: int | None = Field(None, ge=1, description="augmented views cached per image: epoch e replays the augmentation "
+                              "of epoch (e - 1) mod views + 1; unset: one per epoch, the augmentation of a run without the cache")
+    dtype: Literal["fp16", "fp32"] = Field("fp16", description="storage precision of the cached teacher outputs")
+
+
 class DistillSettings(Strict):
     hard_weight: float = Field(1.0, ge=0, description="weight of the student's own detection loss on the labels")
     response: bool = Field(True, description="switch every response (head output) term on or off")
@@ -138,6 +146,8 @@ class DistillSettings(Strict):
         "constant", description="term weights over training: constant, or decaying (linear/cosine) to final_ratio at the last step"
     )
     final_ratio: float = Field(0.0, ge=0, le=1, description="term weight factor at the end of a decaying schedule")
+    cache: TeacherCacheConfig = Field(TeacherCacheConfig(), description="teacher outputs computed once per augmented view "
+                                      "and read back, instead of a teacher pass on every batch (kdet.distill.cache)")
 
 
 class DistillConfig(Config):

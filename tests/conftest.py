@@ -63,6 +63,20 @@ def tiny_config_dict(data_path: Path, **train) -> dict:
     }
 
 
+@pytest.fixture(scope="session")
+def teacher_checkpoint(shapes_voc, tmp_path_factory) -> Path:
+    """A size-t detector trained for one epoch on :func:`shapes_voc`: a teacher for the size-p
+    students of :func:`tiny_config_dict`."""
+    from kdet.config import validate_config
+    from kdet.engine.trainer import train
+
+    config = tiny_config_dict(shapes_voc, epochs=1)
+    config["model"]["size"] = "t"
+    out = tmp_path_factory.mktemp("teacher")
+    train(validate_config(config), out, log=lambda _: None, progress=False)
+    return out / "best.pt"
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
     """Tiny models gain nothing from several threads; one keeps timings steady on shared CPUs."""

@@ -3,6 +3,11 @@ torchvision.transforms.v2 (boxes as tv_tensors.BoundingBoxes), collate.
 
 Geometry lives in :class:`Letterbox`, so predictions made on the model input can be mapped back
 to the original image exactly (:meth:`Letterbox.to_original`).
+
+A training sample's augmentation is a pure function of ``(seed, epoch, index)``
+(:func:`sample_seed`): the same sample comes out bit for bit in any process, in any batch, with or
+without loader workers. Resumed runs, baseline and distilled students, and the teacher-output
+cache (:mod:`kdet.distill.cache`, which replays a sample to know what the teacher saw) rely on it.
 """
 from __future__ import annotations
 
@@ -94,11 +99,24 @@ def build_augmentation(config: AugmentConfig) -> v2.Compose:
     return v2.Compose(steps)
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one training sample's augmentation, a 63-bit integer that depends only on the
+    run's ``seed``, the ``epoch`` and the sample's ``index`` (mixed by numpy's SeedSequence, so
+    neighbouring epochs and indices get unrelated streams)."""
+    high, low = np.random.SeedSequence([seed % 2**64, epoch, index]).generate_state(2)
+    return (int(high) << 31) | (int(low) >> 1)
+
+
 class DetectionDataset(Dataset):
     """Letterboxed (and, for training, augmented) images with their targets.
 
     Item: ``(image float [3, S, S] in [0, 1], target {"boxes": [M, 4] input px, "labels": [M]},
     index)``. With ``cache=True`` letterboxed images are decoded once and kept in memory.
+
+    With ``augment``, ``dataset[i]`` is :meth:`sample` ``(i, epoch)`` for the epoch last given to
+    :meth:`set_epoch` (as ``DistributedSampler.set_epoch``; the trainer sets it before every
+    epoch): the augmentation draws come from generators seeded by :func:`sample_seed`, never from
+    the process's global random state.
     """
 
     def __init__(
@@ -108,12 +126,15 @@ class DetectionDataset(Dataset):
         *,
         augment: AugmentConfig | None = None,
         cache: bool = True,
+        seed: int = 0,
     ) -> None:
         self.records = records
         self.input_size = input_size
         self.boxes = [Letterbox.fit(r.width, r.height, input_size) for r in records]
         self.augment_config = augment
         self.augment = build_augmentation(augment) if augment is not None else None
+        self.seed = seed
+        self.epoch = 1
         self._cache: list[Tensor] | None = [self._load(i) for i in range(len(records))] if cache else None
 
     def __len__(self) -> int:
@@ -129,27 +150,43 @@ class DetectionDataset(Dataset):
         boxes = torch.from_numpy(self.boxes[index].to_input(record.boxes)).float()
         return image, boxes, torch.from_numpy(record.labels)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Make ``dataset[i]`` give the augmentation of ``epoch`` (1-based)."""
+        self.epoch = epoch
+
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor], int]:
-        if self.augment is not None and self.augment_config.mosaic > 0 and random.random() < self.augment_config.mosaic:
-            image, boxes, labels = self._mosaic(index)
+        return self.sample(index, self.epoch)
+
+    def sample(self, index: int, epoch: int) -> tuple[Tensor, dict[str, Tensor], int]:
+        """Item ``index`` as epoch ``epoch`` augments it; the same result in any process, in
+        any order. Without augmentation, ``epoch`` plays no part."""
+        if self.augment is None:
+            image, boxes, labels = self.letterboxed(index)
+            return image.float() / 255.0, {"boxes": boxes.float(), "labels": labels.long()}, index
+        rng = random.Random(sample_seed(self.seed, epoch, index))
+        if self.augment_config.mosaic > 0 and rng.random() < self.augment_config.mosaic:
+            image, boxes, labels = self._mosaic(index, rng)
         else:
             image, boxes, labels = self.letterboxed(index)
-        if self.augment is not None:
-            sample = {
-                "image": tv_tensors.Image(image),
-                "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=image.shape[-2:]),
-                "labels": labels,
-            }
+        sample = {
+            "image": tv_tensors.Image(image),
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=image.shape[-2:]),
+            "labels": labels,
+        }
+        # torchvision's v2 transforms draw from torch's global generator: seed it for this sample
+        # and give the caller's state back afterwards
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(rng.getrandbits(63))
             sample = self.augment(sample)
-            image, boxes, labels = sample["image"].as_subclass(Tensor), sample["boxes"].as_subclass(Tensor), sample["labels"]
+        image, boxes, labels = sample["image"].as_subclass(Tensor), sample["boxes"].as_subclass(Tensor), sample["labels"]
         return image.float() / 255.0, {"boxes": boxes.float(), "labels": labels.long()}, index
 
-    def _mosaic(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _mosaic(self, index: int, rng: random.Random) -> tuple[Tensor, Tensor, Tensor]:
         """YOLOv4/v5's mosaic: four letterboxed images meet at a random centre ``(cx, cy)`` in
         ``[S/2, 3S/2]^2`` of a ``2S x 2S`` plane, whose middle ``S x S`` is kept."""
         size = self.input_size
-        others = [random.randrange(len(self)) for _ in range(3)]
-        cx, cy = (int(random.uniform(0.5 * size, 1.5 * size)) for _ in range(2))
+        others = [rng.randrange(len(self)) for _ in range(3)]
+        cx, cy = (int(rng.uniform(0.5 * size, 1.5 * size)) for _ in range(2))
         # the plane is drawn on a 3S canvas shifted by S/2 so no image is placed at a negative index
         shift = size // 2
         canvas = torch.full((3, 3 * size, 3 * size), PAD_VALUE, dtype=torch.uint8)

@@ -3,8 +3,10 @@
 :class:`Distiller` computes, from one batch, the student's own detection loss and every active
 distillation term, and returns their weighted sum. The teacher runs in eval mode under
 ``torch.no_grad``; it holds no trainable parameter, so gradients reach the student and the
-connectors only. The trainer (:mod:`kdet.engine.trainer`) owns the loop, the optimiser and the
-checkpoints; it treats a distiller as a training objective.
+connectors only. With a teacher-output cache (:mod:`kdet.distill.cache`) the teacher does not
+run during training: its outputs on the batch's samples are read back instead. The trainer
+(:mod:`kdet.engine.trainer`) owns the loop, the optimiser and the checkpoints; it treats a
+distiller as a training objective.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from ..engine.trainer import Objective
 from ..models import Detector, build_model
 from ..models.backbones import load_weights_file
 from ..structures import DetectorOutput, Targets
+from .cache import CachedTeacher
 from .losses import DISTILL_LOSSES
 from .pairing import FeaturePair, PairingReport, TermPlan, pair, pick_best_anchor, response_level
 
@@ -74,15 +77,23 @@ class Distiller(Objective):
     """Training objective of a distillation run: ``hard_weight * student loss + sum(weight * term)``.
 
     Only :attr:`connectors` hold trainable parameters; :attr:`teacher` is frozen and stays in
-    eval mode whatever ``train()`` is called with.
+    eval mode whatever ``train()`` is called with. With ``cached`` the teacher's outputs come from
+    the cache, and the teacher is kept outside the module, so it is not moved to the training
+    device.
     """
 
     def __init__(
-        self, teacher: Detector, report: PairingReport, hard_weight: float = 1.0, *, schedule: str = "constant", final_ratio: float = 0.0
+        self, teacher: Detector, report: PairingReport, hard_weight: float = 1.0, *, schedule: str = "constant",
+        final_ratio: float = 0.0, cached: CachedTeacher | None = None,
     ) -> None:
         super().__init__()
         report.raise_errors()
-        self.teacher = teacher.eval().requires_grad_(False)
+        if cached is None:
+            self.teacher = teacher.eval().requires_grad_(False)
+        else:
+            self.__dict__["teacher"] = teacher.eval().requires_grad_(False)
+        self.cached = cached
+        self.epoch = 1
         self.report = report
         self.hard_weight = hard_weight
         self.schedule = schedule
@@ -105,6 +116,12 @@ class Distiller(Objective):
 
     def set_progress(self, fraction: float) -> None:
         self.progress = fraction
+
+    def data_epoch(self, epoch: int) -> int:
+        return self.cached.data_epoch(epoch) if self.cached is not None else epoch
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def weight_factor(self) -> float:
         """Factor on every term's weight at the current point of training: 1 for a constant
@@ -130,10 +147,11 @@ class Distiller(Objective):
     def load_saved_state(self, state: dict) -> None:
         self.connectors.load_state_dict(state)
 
-    def forward(self, student: Detector, images: Tensor, targets: Targets) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self, student: Detector, images: Tensor, targets: Targets, indices: list[int] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         out = student(images, targets)
-        with torch.no_grad():
-            teacher_out = self.teacher(images)
+        teacher_out = self.teacher_outputs(images, indices)
         losses = {f"det_{k}": v.detach() for k, v in out.losses.items()}
         total = self.hard_weight * out.loss
         factor = self.weight_factor()
@@ -144,6 +162,16 @@ class Distiller(Objective):
         if self.schedule != "constant":
             losses["kd_weight_factor"] = torch.tensor(factor)
         return total, losses
+
+    def teacher_outputs(self, images: Tensor, indices: list[int] | None) -> DetectorOutput:
+        """The teacher's outputs on ``images``: a forward pass, or with the cache the stored
+        outputs of the same samples (training-set ``indices``, in this epoch's view)."""
+        if self.cached is None:
+            with torch.no_grad():
+                return self.teacher(images)
+        if indices is None:
+            raise ValueError("Distiller: with the teacher cache, pass the training-set indices of the batch's images")
+        return self.cached.outputs(indices, self.epoch, images.device)
 
     def term(self, plan: TermPlan, student: DetectorOutput, teacher: DetectorOutput) -> Tensor:
         """The unweighted value of one term on one batch."""

@@ -1,12 +1,17 @@
-"""``kdet distill`` and ``kdet check``: a training run whose objective is a :class:`Distiller`."""
+"""``kdet distill`` and ``kdet check``: a training run whose objective is a :class:`Distiller`;
+``kdet cache``: build a run's teacher-output cache without training (:mod:`kdet.distill.cache`)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Callable
 
-from ..config import DistillConfig
+import torch
+
+from ..config import ConfigError, DistillConfig
+from ..models import Detector
 from ..structures import DatasetIndex
+from .cache import CachedTeacher
 from .distiller import Distiller, check_pairing, load_teacher
 from .pairing import PairingReport
 
@@ -26,11 +31,13 @@ def check(config: DistillConfig, log: Log = print) -> PairingReport:
 
 def distill(config: DistillConfig, out_dir: str | Path, *, resume: bool = False, log: Log = print, progress: bool = True) -> dict:
     """Distil ``config.teacher`` into the student ``config.model``; results as :func:`kdet.engine.trainer.train`,
-    plus the teacher's own test metrics and profile under ``"teacher"``."""
+    plus the teacher's own test metrics and profile under ``"teacher"`` and, with the teacher cache
+    (``config.distill.cache.dir``), what its build did under ``"teacher_cache"``."""
     from ..engine.trainer import train
 
     out_dir = Path(out_dir)
     made: dict = {}
+    check_cache_settings(config)
 
     def build(student, index: DatasetIndex, run_log: Log) -> Distiller:
         teacher = load_teacher(config.teacher, index.class_names, config.data.input_size)
@@ -38,14 +45,73 @@ def distill(config: DistillConfig, out_dir: str | Path, *, resume: bool = False,
         for line in report_lines(report):
             run_log(line)
         (out_dir / "pairing.json").write_text(json.dumps(report_dict(report), indent=1))
+        report.raise_errors()
         made.update(teacher=teacher[0], index=index)
+        cached = None
+        if config.distill.cache.dir:
+            device = next(student.parameters()).device
+            cached, stats = prepare_cache(config, teacher[0].to(device), report, index, run_log)
+            teacher[0].cpu()
+            made["cache"] = record_cache_build(out_dir, stats)
         return Distiller(teacher[0], report, config.distill.hard_weight, schedule=config.distill.schedule,
-                         final_ratio=config.distill.final_ratio)
+                         final_ratio=config.distill.final_ratio, cached=cached)
 
     results = train(config, out_dir, resume=resume, log=log, progress=progress, objective=build)
     results["teacher"] = teacher_results(made["teacher"], config, made["index"], log)
+    if "cache" in made:
+        results["teacher_cache"] = made["cache"]
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     return results
+
+
+def check_cache_settings(config: DistillConfig) -> None:
+    cache = config.distill.cache
+    if not cache.dir and (cache.views is not None or cache.dtype != "fp16"):
+        raise ConfigError("distill.cache.views and distill.cache.dtype apply to the teacher cache only; "
+                          "set its directory too (kdet distill --teacher-cache DIR, or distill.cache.dir)")
+
+
+def prepare_cache(config: DistillConfig, teacher: Detector, report: PairingReport, index: DatasetIndex,
+                  log: Log) -> tuple[CachedTeacher | None, dict]:
+    """Open (and build what is missing of) the teacher cache for ``config``'s training set, on
+    the augmented samples the trainer will make."""
+    from ..data.pipeline import DetectionDataset
+    from .cache import prepare
+
+    dataset = DetectionDataset(index.split(config.data.train_split), config.data.input_size, augment=config.data.augment,
+                               cache=config.data.cache_images, seed=config.seed)
+    return prepare(config.distill.cache, teacher=teacher, report=report, dataset=dataset, epochs=config.train.epochs,
+                   batch_size=config.train.batch_size, workers=config.data.workers, log=log)
+
+
+def build_cache(config: DistillConfig, log: Log = print) -> dict:
+    """``kdet cache``: build the teacher cache a ``kdet distill`` of ``config`` will read, and
+    nothing else. Returns what the build did (as ``results.json`` records it)."""
+    from ..engine.trainer import load_data, pick_device, resolve_model_config
+    from ..models import build_model
+
+    check_cache_settings(config)
+    if not config.distill.cache.dir:
+        raise ConfigError("kdet cache: no cache directory; pass --teacher-cache DIR (or set distill.cache.dir)")
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    index = load_data(config, log)
+    student = build_model(resolve_model_config(config, index, lambda _: None), index.class_names, config.data.input_size)
+    teacher, report = check_pairing(config, student, index.class_names)
+    report.raise_errors()
+    _, stats = prepare_cache(config, teacher.to(pick_device(config.train.device)), report, index, log)
+    return stats
+
+
+def record_cache_build(out_dir: Path, stats: dict) -> dict:
+    """Keep what the teacher cache did in ``teacher_cache.json`` of the run directory; the build
+    times of a resumed run's processes add up."""
+    path = out_dir / "teacher_cache.json"
+    if path.is_file() and stats.get("used"):
+        earlier = json.loads(path.read_text()).get("build_time_s", 0.0)
+        stats = {**stats, "build_time_s": round(earlier + stats["build_time_s"], 2)}
+    path.write_text(json.dumps(stats, indent=1))
+    return stats
 
 
 def teacher_results(teacher, config: DistillConfig, index: DatasetIndex, log: Log) -> dict:

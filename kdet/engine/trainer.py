@@ -37,9 +37,11 @@ Log = Callable[[str], None]
 class Objective(nn.Module):
     """What a run minimises, when it is more than the detector's own loss (a distiller).
 
-    Called as ``objective(model, images, targets) -> (loss, loss terms)``. Its trainable
-    parameters are optimised with the model's; :meth:`state_dict_to_save` goes into ``last.pt``
-    and is restored on resume.
+    Called as ``objective(model, images, targets, indices) -> (loss, loss terms)``, ``indices``
+    being the training-set indices of the batch's images. Its trainable parameters are optimised
+    with the model's; :meth:`state_dict_to_save` goes into ``last.pt`` and is restored on resume.
+    Hooks, in the order the trainer calls them: :meth:`data_epoch` and :meth:`start_epoch`
+    before every epoch, :meth:`set_progress` before every step.
     """
 
     def state_dict_to_save(self) -> dict:
@@ -47,6 +49,15 @@ class Objective(nn.Module):
 
     def load_saved_state(self, state: dict) -> None:
         self.load_state_dict(state)
+
+    def data_epoch(self, epoch: int) -> int:
+        """The epoch whose augmentation training epoch ``epoch`` (1-based) sees
+        (:meth:`~kdet.data.pipeline.DetectionDataset.set_epoch`): its own, unless the objective
+        replays fewer augmented views than there are epochs."""
+        return epoch
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called before every epoch (1-based)."""
 
     def set_progress(self, fraction: float) -> None:
         """Called before every step with the fraction of training done, in ``[0, 1)``."""
@@ -181,8 +192,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def epoch_loader(dataset: DetectionDataset, config: Config, epoch: int) -> DataLoader:
-    """The loader of one epoch: its shuffle order and augmentation draws depend only on
-    ``(seed, epoch)``, so a resumed run sees the same batches as an uninterrupted one."""
+    """The loader of one epoch: its shuffle order depends only on ``(seed, epoch)``, and each
+    sample's augmentation only on ``(seed, the dataset's epoch, index)`` (see
+    :meth:`~kdet.data.pipeline.DetectionDataset.sample`), so a resumed run sees the same batches
+    as an uninterrupted one."""
     seed = config.seed * 100_003 + epoch
     torch.manual_seed(seed)
     random.seed(seed)
@@ -257,7 +270,8 @@ def train(
     model = build_model(model_config, index.class_names, size).to(device)
     if model_config.weights and not saved:
         init_weights_from(model, model_config.weights, log)
-    train_set = DetectionDataset(index.split(config.data.train_split), size, augment=config.data.augment, cache=config.data.cache_images)
+    train_set = DetectionDataset(index.split(config.data.train_split), size, augment=config.data.augment,
+                                 cache=config.data.cache_images, seed=config.seed)
     val_set = DetectionDataset(index.split(config.data.val_split), size, augment=None, cache=config.data.cache_images)
     steps_per_epoch = max(1, len(train_set) // config.train.batch_size) if len(train_set) > config.train.batch_size else 1
     # built after the model, so a run with an objective starts from the same initial weights
@@ -291,8 +305,11 @@ def train(
         started = time.perf_counter()
         sums: dict[str, float] = {}
         steps = 0
+        train_set.set_epoch(extra.data_epoch(epoch) if extra is not None else epoch)
+        if extra is not None:
+            extra.start_epoch(epoch)
         loader = epoch_loader(train_set, config, epoch)
-        for step, (images, targets, _) in enumerate(_progress(loader, f"epoch {epoch}/{config.train.epochs}", progress)):
+        for step, (images, targets, indices) in enumerate(_progress(loader, f"epoch {epoch}/{config.train.epochs}", progress)):
             images = images.to(device, non_blocking=True)
             targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
             with torch.autocast(device.type, enabled=scaler.is_enabled()):
@@ -301,7 +318,7 @@ def train(
                     loss, losses = output.loss, output.losses
                 else:
                     extra.set_progress(((epoch - 1) * steps_per_epoch + step) / (config.train.epochs * steps_per_epoch))
-                    loss, losses = extra(model, images, targets)
+                    loss, losses = extra(model, images, targets, indices)
             check_finite(losses, loss, epoch, step)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

@@ -21,15 +21,6 @@ def quiet(_: str) -> None:
     pass
 
 
-@pytest.fixture(scope="module")
-def teacher_checkpoint(shapes_voc, tmp_path_factory) -> Path:
-    config = tiny_config_dict(shapes_voc, epochs=1)
-    config["model"]["size"] = "t"
-    out = tmp_path_factory.mktemp("teacher")
-    train(validate_config(config), out, log=quiet, progress=False)
-    return out / "best.pt"
-
-
 def distill_dict(data: Path, teacher: Path, *, epochs: int = 1, terms: list | None = None) -> dict:
     config = tiny_config_dict(data, epochs=epochs)
     config["teacher"] = {"checkpoint": str(teacher)}
