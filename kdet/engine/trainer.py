@@ -3,13 +3,14 @@
 A run directory holds ``config.yaml`` (resolved), ``problems.json`` (what the data reader
 reported), ``metrics.jsonl`` (one line per epoch), ``last.pt`` (everything needed to resume),
 ``best.pt`` (the EMA weights with the best validation AP) and ``results.json`` (test metrics,
-size and speed of ``best.pt``).
+size and speed of ``best.pt``, and which kdet code ran: :func:`code_version`).
 """
 from __future__ import annotations
 
 import json
 import math
 import random
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,6 +256,9 @@ def train(
     elif last_path.exists():
         raise FileExistsError(f"{out_dir} already holds a run (last.pt); pass --resume to continue it or choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
+    code = code_version()
+    log(f"kdet {code['version']} from {code['path']}" + (f", commit {code['commit'][:10]}" + (" with local changes" if code["modified"] else "")
+                                                         if "commit" in code else ""))
 
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
@@ -366,10 +370,10 @@ def train(
         log(f"epoch {epoch}: loss {record['loss']:.4f}" + (f", val AP {val['AP']:.3f} AP50 {val['AP50']:.3f}" if val else "")
             + f" ({record['train_time_s']:.0f}s)")
 
-    return finish_run(out_dir, config, index, log)
+    return finish_run(out_dir, config, index, log, code)
 
 
-def finish_run(out_dir: Path, config: Config, index: DatasetIndex, log: Log) -> dict:
+def finish_run(out_dir: Path, config: Config, index: DatasetIndex, log: Log, code: dict) -> dict:
     """Score ``best.pt`` on the test split (or the validation split when there is none),
     measure its size and speed, and write ``results.json``."""
     from .checkpoint import load_detector
@@ -387,12 +391,32 @@ def finish_run(out_dir: Path, config: Config, index: DatasetIndex, log: Log) -> 
         "profile": profile.__dict__,
         "train_time_s": round(sum(r["train_time_s"] for r in history), 1),
         "epochs": len(history),
+        "code": code,
     }
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     coco = metrics["coco"]
     log(f"{split}: AP {coco['AP']:.3f}, AP50 {coco['AP50']:.3f}, VOC mAP50 {metrics['voc']['mAP50_all']:.3f} "
         f"(best epoch {payload.get('epoch')}); results in {out_dir / 'results.json'}")
     return results
+
+
+def code_version() -> dict:
+    """Which kdet code ran: its version and where it was imported from, plus the git commit and
+    whether the package's files differ from it, when kdet runs from a git checkout."""
+    from .. import __version__
+
+    root = Path(__file__).resolve().parents[1]
+    info: dict = {"version": __version__, "path": str(root), "torch": torch.__version__}
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "."],
+                                    capture_output=True, text=True, timeout=10)
+            info["commit"] = commit.stdout.strip()
+            info["modified"] = bool(status.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
 
 
 def check_resume_config(config: Config, saved: Config) -> None:

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +26,10 @@ def test_run_directory_holds_everything(shapes_voc, tmp_path):
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert isinstance(resolved["model"]["anchors"], list)  # 'auto' was resolved
     assert results["split"] == "test" and results["profile"]["params"] > 0
+    import kdet
+
+    assert results["code"]["version"] == kdet.__version__
+    assert Path(results["code"]["path"]) == Path(kdet.__file__).resolve().parent
     model, payload = load_detector(out / "best.pt")
     assert model.class_names == ["bar", "square"] and payload["input_size"] == 64
 
