@@ -6,7 +6,8 @@ reads OUT_DIR/<name>-s<seed>/results.json (and config.yaml for the seed) and pri
 AP@[.5:.95], AP50, AP75 and VOC mAP@0.5 (mean ± sample sd over seeds), the gain over the
 baseline of the same seed (mean ± sd, and per seed), and the fraction of the teacher-student gap
 closed on the means; then AP@[.5:.95] per class. `kdet compare` gives the same AP, AP50, VOC,
-ΔAP and gap figures; this adds AP75, AP50 gains, per-seed gains and the per-class table.
+ΔAP and gap figures; this adds AP75, AP50 gains, per-seed gains and the per-class table, and
+last the validation AP@[.5:.95] at every validated epoch (metrics.jsonl), mean over seeds.
 """
 from __future__ import annotations
 
@@ -72,6 +73,27 @@ def main(out: Path, baseline_name: str, arms: list[str]) -> None:
     print("| arm | " + " | ".join(classes) + " |\n|" + "---|" * (len(classes) + 1))
     for cells in per_class:
         print("| " + " | ".join(cells) + " |")
+    print_curves(out, [baseline_name, *arms])
+
+
+def val_curve(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["epoch"]: r["val"]["AP"] for r in records if r.get("val")}
+
+
+def print_curves(out: Path, names: list[str]) -> None:
+    """Validation AP@[.5:.95] per validated epoch, mean over the seeds of each arm."""
+    curves = {name: [val_curve(run) for run in sorted(out.glob(f"{name}-s[0-9]*")) if (run / "results.json").is_file()]
+              for name in names}
+    epochs = sorted({e for runs in curves.values() for curve in runs for e in curve})
+    print("\nvalidation AP@[.5:.95] by epoch (mean over seeds)\n")
+    print("| epoch | " + " | ".join(names) + " |\n|" + "---|" * (len(names) + 1))
+    for epoch in epochs:
+        cells = []
+        for name in names:
+            values = [curve[epoch] for curve in curves[name] if epoch in curve]
+            cells.append(f"{statistics.fmean(values):.3f}" if values else "-")
+        print(f"| {epoch} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
