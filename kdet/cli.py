@@ -146,6 +146,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report.build import build_report
+
+    build_report(args.run_dirs, args.out, latency=not args.no_latency, runs=args.bench_runs, warmup=args.warmup,
+                 threads=args.threads, samples=args.samples, score_thresh=args.score_thresh, log=_log)
+    return 0
+
+
 def _records_for_model(args: argparse.Namespace, class_names: list[str]):
     """Read the evaluation data and map its classes onto the model's, by name."""
     from .data import read_dataset, remap_classes, resolve_data_path
@@ -264,7 +272,7 @@ def _model_from_checkpoint_or_config(path: str, overrides: list[str], num_classe
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out), epochs=args.epochs, log=_log, progress=console.is_terminal)
+    run_demo(Path(args.out), epochs=args.epochs, report=not args.no_report, log=_log, progress=console.is_terminal)
     return 0
 
 
@@ -327,6 +335,20 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--json", action="store_true", help="print the rows as JSON")
     compare.set_defaults(func=cmd_compare)
 
+    report = sub.add_parser("report", help="HTML page (self-contained) and Markdown twin comparing teacher, baseline and distilled "
+                            "students: tables, latency, per-class AP, precision-recall, training curves, sample detections")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories of kdet train / kdet distill")
+    report.add_argument("--out", default="report", help="folder for index.html, report.md and its PNG figures (default: report)")
+    report.add_argument("--runs", dest="bench_runs", type=int, default=10, metavar="N",
+                        help="timed runs per model for the latency, median taken (default 10); cached in each run's bench.json")
+    report.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed runs first (default 2)")
+    report.add_argument("--threads", type=int, default=1, metavar="N", help="torch and ONNX Runtime threads for the latency (default 1)")
+    report.add_argument("--no-latency", action="store_true",
+                        help="measure no latency: show the PyTorch latency each run recorded in results.json, no ONNX Runtime")
+    report.add_argument("--samples", type=int, default=4, metavar="N", help="test images drawn with every model's detections (default 4; 0: none)")
+    report.add_argument("--score-thresh", type=float, default=0.25, help="score threshold of the drawn detections (default 0.25)")
+    report.set_defaults(func=cmd_report)
+
     evaluate = sub.add_parser("eval", help="COCO AP@[.5:.95]/AP50/AP75/APs/m/l and VOC mAP@0.5 (11-point, all-point), per class")
     evaluate.add_argument("checkpoint", help="a kdet checkpoint (best.pt), or bundled:bccd_teacher")
     evaluate.add_argument("--data", required=True, help="dataset folder, or bundled:bccd")
@@ -377,9 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
 
-    demo = sub.add_parser("demo", help="distil the bundled BCCD teacher into a small student, train a baseline student, and compare the three")
-    demo.add_argument("--out", default="runs/demo")
+    demo = sub.add_parser("demo", help="distil the bundled BCCD teacher into a small student, train a baseline student, compare "
+                          "the three and write the report (OUT/report/index.html)")
+    demo.add_argument("--out", default="runs/demo", help="folder of the demo's runs and report (default: runs/demo)")
     demo.add_argument("--epochs", type=int, help="override the demo's number of epochs")
+    demo.add_argument("--no-report", action="store_true", help="stop after the comparison table, write no report")
     demo.set_defaults(func=cmd_demo)
     return parser
 

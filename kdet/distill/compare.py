@@ -104,6 +104,7 @@ def _metrics_row(results_list: list[dict]) -> dict:
     return {
         "AP": _stat([c["AP"] for c in coco]),
         "AP50": _stat([c["AP50"] for c in coco]),
+        "AP75": _stat([c["AP75"] for c in coco]),
         "VOC_mAP50": _stat([v["mAP50_all"] for v in voc]),
         "VOC_mAP50_11pt": _stat([v["mAP50_11pt"] for v in voc]),
         "per_class_AP": {name: _stat([c["per_class"][name]["AP"] for c in coco]) for name in coco[0]["per_class"]},
