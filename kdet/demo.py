@@ -3,7 +3,7 @@
 The bundled teacher (``bundled:bccd_teacher``, CSP-Darknet-s) is distilled into a student seven
 times smaller (CSP-Darknet-t) with the ``bccd_distill`` recipe's terms; a baseline student is
 trained with the same data, schedule and seed and no teacher. The demo ends with the comparison
-table of ``kdet compare``.
+table of ``kdet compare`` and writes the report of ``kdet report`` (``OUT/report/index.html``).
 """
 from __future__ import annotations
 
@@ -38,9 +38,11 @@ def demo_configs(epochs: int | None = None) -> tuple:
     return baseline, distilled
 
 
-def run_demo(out: Path, *, epochs: int | None = None, log: Callable[[str], None] = print, progress: bool = True) -> list[dict]:
+def run_demo(out: Path, *, epochs: int | None = None, report: bool = True, log: Callable[[str], None] = print,
+             progress: bool = True) -> list[dict]:
     """Train the baseline and the distilled student into ``out/baseline`` and ``out/distilled``
-    (continuing either if interrupted), then print and save the comparison."""
+    (continuing either if interrupted), then print and save the comparison and, with ``report``,
+    write the report into ``out/report``."""
     from rich.console import Console
 
     from .distill.compare import collect_runs, comparison_rows, markdown_table, render_comparison
@@ -64,4 +66,11 @@ def run_demo(out: Path, *, epochs: int | None = None, log: Callable[[str], None]
     render_comparison(rows, Console(highlight=False))
     log(f"everything measured is in {out}: comparison.md/json, and per run results.json, metrics.jsonl, best.pt")
     log(f"compare again with: kdet compare {out / 'baseline'} {out / 'distilled'}")
+    if report:
+        from .report.build import build_report
+
+        log("")
+        log("== report: test-split predictions and CPU latency (PyTorch and ONNX Runtime) of each model")
+        html_path = build_report([out / name for name, _, _ in runs], out / "report", log=log)
+        log(f"open the report: {html_path.resolve().as_uri()}")
     return rows
