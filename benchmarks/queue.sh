@@ -1,7 +1,7 @@
 # Shared by the benchmark scripts: run a list of kdet commands, PARALLEL at a time.
 # A command's run directory is what follows its --out. Finished runs (results.json) are skipped,
 # runs with a last.pt are resumed, runs in progress in another process are left alone; each
-# run's output goes to RUN_DIR.log.
+# run's output is appended to RUN_DIR.log.
 #   source benchmarks/queue.sh; run_queue PARALLEL "cmd1" "cmd2" ...
 run_one() {
   local cmd=$1 out=${1##*--out }
@@ -10,7 +10,7 @@ run_one() {
   if [ -f "$out/last.pt" ]; then cmd="$cmd --resume"; fi
   mkdir -p "$out"
   echo "start: $out"
-  eval "$cmd" > "$out.log" 2>&1 || { echo "FAILED: $out (see $out.log)"; return 1; }
+  eval "$cmd" >> "$out.log" 2>&1 || { echo "FAILED: $out (see $out.log)"; return 1; }
   echo "done: $out"
 }
 run_queue() {
