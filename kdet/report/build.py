@@ -141,7 +141,7 @@ def _page(models: list[ReportModel], data: TestData, predictions: dict[str, list
                              "the lowest one drawn thicker.", width=800))
     if losses:
         blocks.append(Figure("losses.png", losses, "Loss terms per epoch (metrics.jsonl, mean over the epoch's steps) of "
-                             "each model's lowest seed; total = what was minimised."))
+                             "each model's lowest seed, each term before its weight; total = the weighted sum that was minimised."))
     return page
 
 
