@@ -124,16 +124,12 @@ def ap_vs_latency(points: list[tuple[str, float, float, float | None]], colors: 
     """One point per model: ``(label, latency ms, AP mean, AP sd over seeds or None)``."""
     figure = Figure(figsize=(7, 4.5))
     ax = figure.add_subplot(1, 1, 1)
-    x_span = max(p[1] for p in points) or 1.0
-    y_values = [p[2] for p in points]
-    y_span = (max(y_values) - min(y_values)) or 1.0
-    placed: list[tuple[float, float, int]] = []
+    # a legend, not labels beside the points: a distilled student and its baseline often sit
+    # within a marker's width of each other, where labels would overlap or swap
     for label, latency, ap, sd in points:
-        ax.errorbar([latency], [ap], yerr=[sd] if sd else None, fmt="o", color=colors[label], markersize=8, capsize=4)
-        # labels of points close to an earlier one go below it, then further down, so none overlap
-        crowd = sum(1 for x, y, _ in placed if abs(x - latency) < 0.15 * x_span and abs(y - ap) < 0.08 * y_span)
-        ax.annotate(label, (latency, ap), textcoords="offset points", xytext=(8, 4 - 14 * crowd), fontsize=10)
-        placed.append((latency, ap, crowd))
+        ax.errorbar([latency], [ap], yerr=[sd] if sd else None, fmt="o", color=colors[label], markersize=8, capsize=4,
+                    label=label)
+    ax.legend(loc="lower right", fontsize=9)
     ax.set_xlabel(x_label)
     ax.set_ylabel("test AP@[.5:.95]")
     ax.set_xlim(left=0, right=max(p[1] for p in points) * 1.25)
