@@ -47,7 +47,7 @@ Layout of ``DIR``
 Writes
   Array files are created full size under a temporary name and renamed into place; rows are
   written in place, flushed, and only then marked in the done mask, which is itself replaced
-  atomically (temporary file + ``os.replace``). An interrupted build resumes entry by entry, and
+  atomically (:func:`kdet.engine.checkpoint.atomic_file`). An interrupted build resumes entry by entry, and
   no reader takes a half-written row for a finished one. A build holds a lock on its
   subdirectory, so two runs started together on one cache build it once.
 """
@@ -72,6 +72,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import ConfigError, TeacherCacheConfig
 from ..data.pipeline import DetectionDataset
+from ..engine.checkpoint import atomic_file
 from ..models import Detector
 from ..structures import DetectorOutput, FeatureMap, HeadLevel
 from .pairing import PairingReport
@@ -166,12 +167,12 @@ def group_layouts(probe: DetectorOutput, names: list[str]) -> dict[str, Group]:
 # Fingerprint
 # ---------------------------------------------------------------------------------------------
 def teacher_digest(teacher: Detector) -> str:
-    """SHA-256 of the teacher's family, classes and every tensor of its state dict."""
-    digest = hashlib.sha256(json.dumps([teacher.family, list(teacher.class_names)]).encode())
-    for name, tensor in teacher.state_dict().items():
-        digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    """SHA-256 of the teacher's family, classes and weights
+    (:func:`kdet.engine.export.weights_fingerprint`)."""
+    from ..engine.export import weights_fingerprint
+
+    identity = json.dumps([teacher.family, list(teacher.class_names), weights_fingerprint(teacher)])
+    return hashlib.sha256(identity.encode()).hexdigest()
 
 
 def records_digest(dataset: DetectionDataset) -> str:
@@ -308,7 +309,8 @@ class TeacherCache:
                 raise TeacherCacheError(f"{self.path}: group {name} was stored with another layout than this teacher's "
                                         f"outputs have now (the model code changed?). Delete {self.path} to rebuild it.")
         if changed:
-            _write_atomic(self.path / "manifest.json", json.dumps(manifest, indent=1).encode())
+            with atomic_file(self.path / "manifest.json") as handle:
+                handle.write(json.dumps(manifest, indent=1).encode())
 
     # -- entries --------------------------------------------------------------------------------
     def _file(self, group: str, view: int, kind: str = "") -> Path:
@@ -384,7 +386,8 @@ class TeacherCache:
                         array[index[write]] = rows[name][in_view][write]
                         array.flush()  # the rows reach the file before the mask says they are there
                         mask[index[write]] = True
-                        _write_atomic(self._file(name, view, ".done"), _npy_bytes(mask))
+                        with atomic_file(self._file(name, view, ".done")) as handle:
+                            np.save(handle, mask)
             return len(todo)
 
     def _checked_rows(self, rows: Tensor, name: str) -> np.ndarray:
@@ -568,21 +571,6 @@ def _du(path: Path) -> int:
             stat = file.stat()
             total += getattr(stat, "st_blocks", 0) * 512 or stat.st_size
     return total
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 __all__ = ["CachedTeacher", "TeacherCache", "TeacherCacheError", "group_layouts", "needed_groups", "prepare"]

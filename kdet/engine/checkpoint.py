@@ -1,10 +1,11 @@
 """Checkpoints: written atomically, self-describing (a checkpoint rebuilds its own model)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 import torch
 
@@ -16,15 +17,17 @@ from ..models import Detector, build_model
 FORMAT = "kdet-detector/1"
 
 
-def save_atomic(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``: a crash
-    mid-write leaves the previous file intact."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file to write that replaces ``path`` only when the block ends without an error:
+    written to a temporary ``.<name>.*.tmp`` in the same folder, flushed to the disk, given the
+    usual mode and renamed over ``path``. A crash mid-write leaves the previous file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         umask = os.umask(0)
@@ -34,6 +37,12 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """``torch.save`` through :func:`atomic_file`."""
+    with atomic_file(path) as handle:
+        torch.save(obj, handle)
 
 
 def model_payload(model: Detector, model_config: ModelConfig, input_size: int, *, extra: dict | None = None) -> dict:
