@@ -54,10 +54,19 @@ def collect_runs(paths: list[Path]) -> list[Run]:
         if not results.is_file() or not config.is_file():
             missing = "results.json" if not results.is_file() else "config.yaml"
             raise FileNotFoundError(f"{path}: no {missing}; give run directories of finished kdet train / kdet distill runs")
-        runs.append(Run(path, _with_defaults(yaml.safe_load(config.read_text())), json.loads(results.read_text())))
+        runs.append(Run(path, _with_defaults(_read_saved(config, yaml.safe_load)), _read_saved(results, json.loads)))
     if not runs:
         raise ValueError("no run directories given")
     return runs
+
+
+def _read_saved(path: Path, parse) -> dict:
+    """A run's saved YAML or JSON file, or an error that names it."""
+    try:
+        return parse(path.read_text())
+    except (yaml.YAMLError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not readable ({error}); the run's file was damaged or edited: restore it, "
+                         "or train the run again") from None
 
 
 def _with_defaults(config: dict) -> dict:
@@ -164,11 +173,24 @@ def _epoch_time(run: Run) -> float:
     return run.results["train_time_s"] / max(1, run.results["epochs"])
 
 
-def _fmt(stat: dict | None, digits: int = 3) -> str:
+def format_stat(stat: dict | None, digits: int = 3) -> str:
+    """``mean ± sd`` of a row's statistic (``mean`` alone for one seed), ``-`` for none."""
     if not stat:
         return "-"
     text = f"{stat['mean']:.{digits}f}"
     return text + (f" ± {stat['sd']:.{digits}f}" if stat.get("sd") is not None else "")
+
+
+def format_delta(row: dict) -> str:
+    """The row's AP gain over its baseline, paired by seed, signed; ``-`` for none."""
+    delta = row.get("delta_AP_paired")
+    return (("+" if delta["mean"] >= 0 else "") + format_stat(delta)) if delta else "-"
+
+
+def format_gap(row: dict) -> str:
+    """The fraction of the teacher-student gap the row closed, as a percentage; ``-`` for none."""
+    gap = row.get("gap_closed")
+    return f"{gap:.0%}" if gap is not None else "-"
 
 
 COLUMNS = ("role", "model", "method", "seeds", "AP@[.5:.95]", "AP50", "VOC mAP@0.5", "ΔAP vs baseline", "gap closed",
@@ -176,7 +198,6 @@ COLUMNS = ("role", "model", "method", "seeds", "AP@[.5:.95]", "AP50", "VOC mAP@0
 
 
 def _cells(row: dict) -> list[str]:
-    gap = row.get("gap_closed")
     ratio = row.get("epoch_time_ratio")
     epoch = row.get("epoch_time_s")
     return [
@@ -184,14 +205,14 @@ def _cells(row: dict) -> list[str]:
         row["name"],
         row["method"] + (f" (teacher {row['teacher']})" if row.get("teacher") and row["role"] == "distilled" else ""),
         ",".join(map(str, row["seeds"])) or "-",
-        _fmt(row["AP"]),
-        _fmt(row["AP50"]),
-        _fmt(row["VOC_mAP50"]),
-        (("+" if row["delta_AP_paired"]["mean"] >= 0 else "") + _fmt(row["delta_AP_paired"])) if row.get("delta_AP_paired") else "-",
-        f"{gap:.0%}" if gap is not None else "-",
+        format_stat(row["AP"]),
+        format_stat(row["AP50"]),
+        format_stat(row["VOC_mAP50"]),
+        format_delta(row),
+        format_gap(row),
         f"{row['params'] / 1e6:.2f}M",
         f"{row['flops'] / 1e9:.2f}",
-        _fmt(row["latency_ms"], 1),
+        format_stat(row["latency_ms"], 1),
         (f"{epoch['mean']:.1f}s" + (f" ({ratio:.2f}x)" if ratio else "")) if epoch else "-",
     ]
 

@@ -92,7 +92,7 @@ def build_cache(config: DistillConfig, log: Log = print) -> dict:
 
     check_cache_settings(config)
     if not config.distill.cache.dir:
-        raise ConfigError("kdet cache: no cache directory; pass --teacher-cache DIR (or set distill.cache.dir)")
+        raise ConfigError("no cache directory; pass --teacher-cache DIR (or set distill.cache.dir)")
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     index = load_data(config, log)
@@ -118,9 +118,9 @@ def teacher_results(teacher, config: DistillConfig, index: DatasetIndex, log: Lo
     """The teacher scored on the same split and input size as the student, with its size and speed."""
     from ..engine.evaluate import evaluate_model
     from ..engine.profile import profile_model
-    from ..engine.trainer import eval_settings
+    from ..engine.trainer import eval_settings, test_split
 
-    split = config.data.test_split if config.data.test_split in index.splits else config.data.val_split
+    split = test_split(config, index)
     metrics = evaluate_model(teacher, index.split(split), config.data.input_size, **eval_settings(config))
     profile = profile_model(teacher, config.data.input_size, threads=config.train.threads)
     coco = metrics["coco"]

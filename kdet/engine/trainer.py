@@ -177,6 +177,20 @@ def check_finite(losses: dict[str, torch.Tensor], total: torch.Tensor, epoch: in
         )
 
 
+def test_split(config: Config, index: DatasetIndex) -> str:
+    """The split a finished run is scored on: ``data.test_split``, or ``data.val_split`` when the
+    dataset has no test split."""
+    return config.data.test_split if config.data.test_split in index.splits else config.data.val_split
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    """The per-epoch records of a run's ``metrics.jsonl``; none when it has no such file."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def eval_settings(config: Config) -> dict:
     """Keyword arguments of :func:`~kdet.engine.evaluate.evaluate_model` from ``config.eval``."""
     return config.eval.model_dump()
@@ -380,10 +394,10 @@ def finish_run(out_dir: Path, config: Config, index: DatasetIndex, log: Log, cod
     from .profile import profile_model
 
     model, payload = load_detector(out_dir / "best.pt")
-    split = config.data.test_split if config.data.test_split in index.splits else config.data.val_split
+    split = test_split(config, index)
     metrics = evaluate_model(model, index.split(split), config.data.input_size, **eval_settings(config))
     profile = profile_model(model, config.data.input_size, threads=config.train.threads)
-    history = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    history = read_history(out_dir)
     results = {
         "split": split,
         "best_epoch": payload.get("epoch"),

@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 
 from .. import __version__
-from ..distill.compare import collect_runs, comparison_rows
+from ..distill.compare import collect_runs, comparison_rows, format_delta, format_gap, format_stat
 from ..engine.metrics import ImagePredictions, evaluate, pr_curve
 from . import plots
 from .collect import (
@@ -113,7 +113,7 @@ def _page(models: list[ReportModel], data: TestData, predictions: dict[str, list
 
     blocks.append(Heading("Per class"))
     blocks.append(Table(["class", *(m.label for m in models)],
-                        [[name, *(_stat(m.row["per_class_AP"].get(name)) for m in models)] for name in data.class_names],
+                        [[name, *(format_stat(m.row["per_class_AP"].get(name)) for m in models)] for name in data.class_names],
                         caption="Test AP@[.5:.95] per class; mean ± sd over seeds."))
     blocks.append(Figure("per_class_ap.png", plots.per_class_ap(models, data.class_names, colors),
                          "Test AP@[.5:.95] per class; error bars: sd over seeds."))
@@ -149,13 +149,6 @@ RESULT_COLUMNS = ["", "AP@[.5:.95]", "AP50", "AP75", "VOC mAP@0.5 11-pt", "VOC m
                   "PyTorch CPU ms", "ONNX Runtime CPU ms", "ΔAP vs baseline", "gap closed"]
 
 
-def _stat(stat: dict | None, digits: int = 3) -> str:
-    if not stat or stat.get("mean") is None:
-        return "-"
-    text = f"{stat['mean']:.{digits}f}"
-    return text + (f" ± {stat['sd']:.{digits}f}" if stat.get("sd") is not None else "")
-
-
 def _ms(value: float | None) -> str:
     return f"{value:.1f}" if value is not None else "-"
 
@@ -170,21 +163,19 @@ def _method(model: ReportModel) -> str:
 
 def _result_cells(model: ReportModel, latency: Latency) -> list[str]:
     row = model.row
-    delta = row.get("delta_AP_paired")
-    gap = row.get("gap_closed")
     return [
         model.label,
-        _stat(row["AP"]),
-        _stat(row["AP50"]),
-        _stat(row.get("AP75")),
-        _stat(row["VOC_mAP50_11pt"]),
-        _stat(row["VOC_mAP50"]),
+        format_stat(row["AP"]),
+        format_stat(row["AP50"]),
+        format_stat(row.get("AP75")),
+        format_stat(row["VOC_mAP50_11pt"]),
+        format_stat(row["VOC_mAP50"]),
         f"{row['params'] / 1e6:.2f}M",
         f"{row['flops'] / 1e9:.2f}",
         _ms(latency.pytorch_ms),
         _ms(latency.onnxruntime_ms),
-        (("+" if delta["mean"] >= 0 else "") + _stat(delta)) if delta else "-",
-        f"{gap:.0%}" if gap is not None else "-",
+        format_delta(row),
+        format_gap(row),
     ]
 
 

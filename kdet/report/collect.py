@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import tempfile
 import time
@@ -220,26 +219,27 @@ def load_model(model: ReportModel, data: TestData) -> Detector | None:
 def load_test_data(models: list[ReportModel]) -> TestData:
     """The test split (the validation split when the data has none, as training does) of the
     first student run's data; every model is run on it. Other runs with other data are noted."""
+    from ..config import Config, DistillConfig, config_to_dict, validate_config
     from ..data import read_dataset, resolve_data_path
+    from ..engine.trainer import eval_settings, test_split
 
     with_runs = [m for m in models if m.runs]
     reference = next((m for m in with_runs if m.role != "teacher"), with_runs[0]).runs[0]
-    config = reference.config
-    data, settings = config["data"], dict(config.get("eval") or {})
-    index = read_dataset(resolve_data_path(data["path"]), data.get("format", "auto"), seed=data.get("split_seed", 0),
-                         fractions=data.get("split_fractions", (0.8, 0.1, 0.1)), verify_images=False)
-    test_split, val_split = data.get("test_split", "test"), data.get("val_split", "val")
-    split = test_split if test_split in index.splits else val_split
+    config = validate_config(reference.config, source=str(reference.path / "config.yaml"),
+                             schema=DistillConfig if reference.distilled else Config)
+    data = config_to_dict(config)["data"]
+    index = read_dataset(resolve_data_path(config.data.path), config.data.format, seed=config.data.split_seed,
+                         fractions=config.data.split_fractions, verify_images=False)
+    split = test_split(config, index)
     records = index.split(split)
-    settings = {"score_thresh": settings.get("score_thresh", 0.001), "nms_iou": settings.get("nms_iou", 0.6),
-                "max_det": settings.get("max_det", 300), "batch_size": settings.get("batch_size", 16)}
+    settings = eval_settings(config)
     truth = hashlib.sha256()
     for record in records:
         truth.update(record.image_id.encode())
         truth.update(record.boxes.astype(np.float32).tobytes())
         truth.update(record.labels.astype(np.int64).tobytes())
-    input_size = int(data["input_size"])
-    key = {"data": str(data["path"]), "format": index.format, "split": split, "input_size": input_size,
+    input_size = config.data.input_size
+    key = {"data": config.data.path, "format": index.format, "split": split, "input_size": input_size,
            "classes": list(index.class_names), "ground_truth": truth.hexdigest(),
            "eval": {k: settings[k] for k in ("score_thresh", "nms_iou", "max_det")}}
     notes = []
@@ -361,14 +361,10 @@ def _read_cache(path: Path, format: str) -> dict:
 
 def _write_cache(path: Path, cache: dict, log: Log) -> None:
     """Write atomically; a run directory that cannot be written only costs the cache."""
-    tmp = None
+    from ..engine.checkpoint import atomic_file
+
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(cache, handle)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        with atomic_file(path) as handle:
+            handle.write(json.dumps(cache).encode())
     except OSError as error:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
         log(f"cannot write {path} ({error}); the next report measures again")

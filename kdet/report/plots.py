@@ -4,7 +4,6 @@ grey, distilled students in colour."""
 from __future__ import annotations
 
 import io
-import json
 import math
 
 import numpy as np
@@ -14,6 +13,7 @@ from matplotlib.patches import Patch
 from PIL import Image, ImageDraw
 
 from ..engine.metrics import ImagePredictions
+from ..engine.trainer import read_history
 from ..engine.predict import PALETTE as CLASS_COLORS
 from ..structures import ImageRecord
 from .collect import ReportModel
@@ -42,13 +42,6 @@ def png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
     return buffer.getvalue()
-
-
-def read_history(run_path) -> list[dict]:
-    path = run_path / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _grid(count: int, columns: int, width: float, height: float) -> tuple[Figure, list]:

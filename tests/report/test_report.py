@@ -205,6 +205,11 @@ def test_command_line_and_bad_input(runs, tmp_path, capsys):
     (tmp_path / "unfinished").mkdir()
     assert main(["report", str(tmp_path / "unfinished"), "--out", str(tmp_path / "x")]) == 2
     assert "results.json" in capsys.readouterr().err
+    damaged = tmp_path / "damaged"
+    shutil.copytree(runs[0], damaged)
+    (damaged / "results.json").write_text("{broken")
+    assert main(["report", str(damaged), "--out", str(tmp_path / "z")]) == 2
+    assert f"{damaged / 'results.json'}: not readable" in capsys.readouterr().err
     assert main(["report", *map(str, runs[:2]), "--runs", "0", "--out", str(tmp_path / "y")]) == 2
     assert "--runs must be at least 1" in capsys.readouterr().err
 
