@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from ..config import ConfigError, DistillConfig
+from ..data.pipeline import DetectionDataset
 from ..models import Detector
 from ..structures import DatasetIndex
 from .cache import CachedTeacher
@@ -39,7 +40,7 @@ def distill(config: DistillConfig, out_dir: str | Path, *, resume: bool = False,
     made: dict = {}
     check_cache_settings(config)
 
-    def build(student, index: DatasetIndex, run_log: Log) -> Distiller:
+    def build(student, index: DatasetIndex, train_set: DetectionDataset, run_log: Log) -> Distiller:
         teacher = load_teacher(config.teacher, index.class_names, config.data.input_size)
         _, report = check_pairing(config, student, index.class_names, teacher=teacher)
         for line in report_lines(report):
@@ -50,7 +51,7 @@ def distill(config: DistillConfig, out_dir: str | Path, *, resume: bool = False,
         cached = None
         if config.distill.cache.dir:
             device = next(student.parameters()).device
-            cached, stats = prepare_cache(config, teacher[0].to(device), report, index, run_log)
+            cached, stats = prepare_cache(config, teacher[0].to(device), report, train_set, run_log)
             teacher[0].cpu()
             made["cache"] = record_cache_build(out_dir, stats)
         return Distiller(teacher[0], report, config.distill.hard_weight, schedule=config.distill.schedule,
@@ -71,23 +72,20 @@ def check_cache_settings(config: DistillConfig) -> None:
                           "set its directory too (kdet distill --teacher-cache DIR, or distill.cache.dir)")
 
 
-def prepare_cache(config: DistillConfig, teacher: Detector, report: PairingReport, index: DatasetIndex,
+def prepare_cache(config: DistillConfig, teacher: Detector, report: PairingReport, train_set: DetectionDataset,
                   log: Log) -> tuple[CachedTeacher | None, dict]:
-    """Open (and build what is missing of) the teacher cache for ``config``'s training set, on
-    the augmented samples the trainer will make."""
-    from ..data.pipeline import DetectionDataset
+    """Open (and build what is missing of) the teacher cache for ``config``'s training set
+    ``train_set``, on the augmented samples the trainer makes of it."""
     from .cache import prepare
 
-    dataset = DetectionDataset(index.split(config.data.train_split), config.data.input_size, augment=config.data.augment,
-                               cache=config.data.cache_images, seed=config.seed)
-    return prepare(config.distill.cache, teacher=teacher, report=report, dataset=dataset, epochs=config.train.epochs,
+    return prepare(config.distill.cache, teacher=teacher, report=report, dataset=train_set, epochs=config.train.epochs,
                    batch_size=config.train.batch_size, workers=config.data.workers, log=log)
 
 
 def build_cache(config: DistillConfig, log: Log = print) -> dict:
     """``kdet cache``: build the teacher cache a ``kdet distill`` of ``config`` will read, and
     nothing else. Returns what the build did (as ``results.json`` records it)."""
-    from ..engine.trainer import load_data, pick_device, resolve_model_config
+    from ..engine.trainer import load_data, pick_device, resolve_model_config, training_set
     from ..models import build_model
 
     check_cache_settings(config)
@@ -99,7 +97,7 @@ def build_cache(config: DistillConfig, log: Log = print) -> dict:
     student = build_model(resolve_model_config(config, index, lambda _: None), index.class_names, config.data.input_size)
     teacher, report = check_pairing(config, student, index.class_names)
     report.raise_errors()
-    _, stats = prepare_cache(config, teacher.to(pick_device(config.train.device)), report, index, log)
+    _, stats = prepare_cache(config, teacher.to(pick_device(config.train.device)), report, training_set(config, index), log)
     return stats
 
 

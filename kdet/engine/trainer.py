@@ -64,7 +64,7 @@ class Objective(nn.Module):
         """Called before every step with the fraction of training done, in ``[0, 1)``."""
 
 
-ObjectiveFactory = Callable[[Detector, DatasetIndex, Log], Objective]
+ObjectiveFactory = Callable[[Detector, DatasetIndex, DetectionDataset, Log], Objective]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,6 +175,12 @@ def check_finite(losses: dict[str, torch.Tensor], total: torch.Tensor, epoch: in
             f"loss became {total.item()} at epoch {epoch}, step {step}; loss terms: {values}. "
             f"Lower train.lr, check the data with `kdet data check`, or set train.grad_clip."
         )
+
+
+def training_set(config: Config, index: DatasetIndex) -> DetectionDataset:
+    """The augmented training split, each sample a function of ``(config.seed, epoch, index)``."""
+    return DetectionDataset(index.split(config.data.train_split), config.data.input_size, augment=config.data.augment,
+                            cache=config.data.cache_images, seed=config.seed)
 
 
 def test_split(config: Config, index: DatasetIndex) -> str:
@@ -288,12 +294,11 @@ def train(
     model = build_model(model_config, index.class_names, size).to(device)
     if model_config.weights and not saved:
         init_weights_from(model, model_config.weights, log)
-    train_set = DetectionDataset(index.split(config.data.train_split), size, augment=config.data.augment,
-                                 cache=config.data.cache_images, seed=config.seed)
+    train_set = training_set(config, index)
     val_set = DetectionDataset(index.split(config.data.val_split), size, augment=None, cache=config.data.cache_images)
     steps_per_epoch = max(1, len(train_set) // config.train.batch_size) if len(train_set) > config.train.batch_size else 1
     # built after the model, so a run with an objective starts from the same initial weights
-    extra = objective(model, index, log).to(device) if objective is not None else None
+    extra = objective(model, index, train_set, log).to(device) if objective is not None else None
     trainable = nn.ModuleList([model] + ([extra] if extra is not None else []))
     optimizer = build_optimizer(trainable, config)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
