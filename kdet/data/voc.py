@@ -8,7 +8,12 @@ Layouts understood:
   ``Annotations/`` is used and kdet makes a seeded split;
 * a flat folder with images and XML files side by side (seeded split), or split folders
   (``train/``, ``valid/``, ``test/``) each holding images and XML files side by side, as
-  Roboflow exports VOC.
+  Roboflow exports VOC;
+* an annotation folder beside an image folder: ``images/`` + ``annotations/`` (or ``annots/``,
+  ``xml/``... any folder of XML files without images), at the root (seeded split) or inside
+  split folders (``train/images`` + ``train/annotations``). The annotation folder is never a
+  split. Each XML's image is found by the XML's own name, then by its ``<filename>`` (in the
+  image folders beside it, or the one its ``<folder>`` names), then by its ``<path>``.
 
 Class order: the names in ``classes.txt`` or ``labels.txt`` at the root when one exists (boxes
 of other classes are reported and dropped), else all names found, sorted alphabetically so the
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Sequence
 from xml.parsers import expat
 
@@ -29,6 +34,7 @@ import numpy as np
 
 from ..structures import DatasetIndex, Problem
 from .common import (
+    SPLIT_ORDER,
     DataError,
     PendingImage,
     assemble_index,
@@ -41,6 +47,10 @@ from .common import (
 )
 
 CLASS_FILES = ("classes.txt", "labels.txt")
+# folders that hold annotations only, by their usual names; the images are in a sibling folder
+ANNOTATION_FOLDERS = {"annotations", "annotation", "annots", "annot", "xml", "xmls", "labels"}
+# the usual names of that sibling image folder, preferred over other folders of images
+IMAGE_FOLDERS = {"jpegimages", "images", "imgs", "img", "pictures", "photos"}
 
 
 @dataclass
@@ -124,15 +134,48 @@ def _parse_objects(tree: ET.Element, lines: dict[ET.Element, int], xml_file: str
     return objects
 
 
-def _image_index(folder: Path) -> dict[str, list[Path]]:
-    """Images in ``folder`` by file stem (a stem may have several extensions)."""
+def _image_index(folders: Sequence[Path]) -> dict[str, list[Path]]:
+    """Images in ``folders`` by file stem (a stem may have several extensions or folders)."""
     index: dict[str, list[Path]] = {}
-    for path in list_images(folder):
-        index.setdefault(path.stem, []).append(path)
+    for folder in folders:
+        for path in list_images(folder):
+            index.setdefault(path.stem, []).append(path)
     return index
 
 
-def _parse_xml(xml_path: Path, root: Path, images: dict[str, list[Path]], image_dir: Path, problems: list[Problem]) -> _Parsed | None:
+def _find_image(xml_path: Path, tree: ET.Element, images: dict[str, list[Path]], image_dirs: Sequence[Path]) -> Path:
+    """The image an XML file describes. The image with the XML's stem wins (``<filename>`` is
+    often stale after files were renamed); then ``<filename>`` in the image folders (and in the
+    folder ``<folder>`` names, beside the annotation folder); then ``<path>`` as written, or its
+    file name in the image folders. When nothing exists, the path the XML names (reported
+    as not found when opened)."""
+    filename = _text(tree, "filename")
+    candidates = images.get(xml_path.stem, [])
+    by_filename = [p for p in candidates if p.name == filename]
+    if by_filename or candidates:
+        return (by_filename or candidates)[0]
+    folders = list(image_dirs)
+    named_folder = _text(tree, "folder")
+    if named_folder and "/" not in named_folder and "\\" not in named_folder:
+        folders.append(xml_path.parent.parent / named_folder)
+    if filename:
+        for folder in folders:
+            if (folder / filename).is_file():
+                return folder / filename
+    written = _text(tree, "path")
+    if written:
+        as_path = Path(written)
+        for candidate in (as_path, xml_path.parent / as_path):
+            if candidate.is_file():
+                return candidate
+        name = PureWindowsPath(written).name  # labelImg writes the labeller's own absolute path
+        for folder in folders:
+            if name and (folder / name).is_file():
+                return folder / name
+    return folders[0] / (filename or f"{xml_path.stem}.jpg")
+
+
+def _parse_xml(xml_path: Path, root: Path, images: dict[str, list[Path]], image_dirs: Sequence[Path], problems: list[Problem]) -> _Parsed | None:
     """Parse one VOC XML file; ``None`` (with a problem) when it cannot be read at all."""
     xml_file = relative_name(xml_path, root)
     try:
@@ -140,16 +183,7 @@ def _parse_xml(xml_path: Path, root: Path, images: dict[str, list[Path]], image_
     except _MalformedXML as err:
         problems.append(Problem(xml_file, "malformed_annotation", f"cannot parse the annotation: {err}", "image skipped", err.line))
         return None
-    filename = _text(tree, "filename")
-    # the image with the XML's stem wins; <filename> is often stale after files were renamed
-    candidates = images.get(xml_path.stem, [])
-    by_filename = [p for p in candidates if p.name == filename]
-    if by_filename or candidates:
-        image = (by_filename or candidates)[0]
-    elif filename and (image_dir / filename).is_file():
-        image = image_dir / filename
-    else:
-        image = image_dir / (filename or f"{xml_path.stem}.jpg")  # missing: reported when opened
+    image = _find_image(xml_path, tree, images, image_dirs)
     return _Parsed(xml_file, image, _parse_objects(tree, lines, xml_file, problems), _declared_size(tree))
 
 
@@ -162,31 +196,59 @@ def _is_split_file(path: Path) -> bool:
     return all(len(row) == 1 for row in rows)  # an empty file is an empty split
 
 
-def _report_unannotated(images: dict[str, list[Path]], used: set[Path], root: Path, problems: list[Problem]) -> None:
+def _report_unannotated(images: dict[str, list[Path]], used: set[Path], ann_dir: Path, root: Path, problems: list[Problem]) -> None:
     for paths in images.values():
         for path in paths:
             if path not in used:
+                expected = relative_name(ann_dir / path.with_suffix(".xml").name, root)
+                where = "next to it" if ann_dir == path.parent else f"in {relative_name(ann_dir, root)}/"
                 problems.append(Problem(
                     relative_name(path, root), "missing_annotation",
-                    f"image has no XML annotation next to it (expected {path.with_suffix('.xml').name})",
+                    f"image has no XML annotation {where} (expected {expected}, or an XML whose <filename> names it)",
                     "image skipped",
                 ))
 
 
-def _devkit_layout(root: Path, problems: list[Problem]) -> tuple[list[_Parsed], dict[str, list[str]] | None]:
-    """``Annotations/`` + ``JPEGImages/`` (+ ``ImageSets/Main``). Returns the parsed files in
-    reading order and, per split file, the image ids it lists (``None`` without split files)."""
-    ann_dir = root / "Annotations"
-    image_dir = root / "JPEGImages"
-    images = _image_index(image_dir)
+def _is_annotation_folder(folder: Path) -> bool:
+    """A folder of XML files that is not a split: named like one (``annotations/``, ``annots/``,
+    ``xml/``...), or holding no images and not named like a split."""
+    if folder.name.lower() in ANNOTATION_FOLDERS:
+        return True
+    return split_name(folder.name) not in SPLIT_ORDER and not list_images(folder)
+
+
+def _image_folders_beside(ann_dir: Path) -> list[Path]:
+    """Folders of images beside the annotation folder ``ann_dir``: those with the usual names
+    (``images/``, ``JPEGImages/``...) when there are any, else every sibling holding images."""
+    siblings = [d for d in sorted(ann_dir.parent.iterdir())
+                if d.is_dir() and d != ann_dir and d.name.lower() not in ANNOTATION_FOLDERS and list_images(d)]
+    usual = [d for d in siblings if d.name.lower() in IMAGE_FOLDERS]
+    return usual or siblings
+
+
+def _devkit_annotations(root: Path) -> Path | None:
+    """``Annotations/`` of the devkit layout; also ``annotations/`` (any case) beside ``ImageSets/Main``."""
+    if (root / "Annotations").is_dir():
+        return root / "Annotations"
+    if (root / "ImageSets" / "Main").is_dir():
+        return next((d for d in sorted(root.iterdir()) if d.is_dir() and d.name.lower() == "annotations"), None)
+    return None
+
+
+def _devkit_layout(root: Path, ann_dir: Path, problems: list[Problem]) -> tuple[list[_Parsed], dict[str, list[str]] | None]:
+    """``Annotations/`` (``ann_dir``) + ``JPEGImages/`` (+ ``ImageSets/Main``). Returns the parsed
+    files in reading order and, per split file, the image ids it lists (``None`` without split
+    files)."""
+    image_dirs = [root / "JPEGImages"] if (root / "JPEGImages").is_dir() else (_image_folders_beside(ann_dir) or [root / "JPEGImages"])
+    images = _image_index(image_dirs)
     main = root / "ImageSets" / "Main"
     split_files = [f for f in sorted(main.glob("*.txt")) if _is_split_file(f)] if main.is_dir() else []
 
     parsed: dict[str, _Parsed | None] = {}  # VOC id -> parse result (None: skipped, reported)
     if not split_files:
         for xml_path in sorted(ann_dir.glob("*.xml")):
-            parsed[xml_path.stem] = _parse_xml(xml_path, root, images, image_dir, problems)
-        _report_unannotated(images, {p.image for p in parsed.values() if p}, root, problems)
+            parsed[xml_path.stem] = _parse_xml(xml_path, root, images, image_dirs, problems)
+        _report_unannotated(images, {p.image for p in parsed.values() if p}, ann_dir, root, problems)
         return [p for p in parsed.values() if p], None
 
     splits: dict[str, list[_Parsed]] = {}
@@ -209,7 +271,7 @@ def _devkit_layout(root: Path, problems: list[Problem]) -> tuple[list[_Parsed], 
             if voc_id not in parsed:
                 xml_path = ann_dir / f"{voc_id}.xml"
                 if xml_path.is_file():
-                    parsed[voc_id] = _parse_xml(xml_path, root, images, image_dir, problems)
+                    parsed[voc_id] = _parse_xml(xml_path, root, images, image_dirs, problems)
                 else:
                     parsed[voc_id] = None
                     problems.append(Problem(
@@ -223,19 +285,36 @@ def _devkit_layout(root: Path, problems: list[Problem]) -> tuple[list[_Parsed], 
     return ordered, {name: [image_id_for(p.image, root) for p in members] for name, members in splits.items()}
 
 
-def _flat_layout(root: Path, problems: list[Problem]) -> tuple[list[_Parsed], dict[str, list[str]] | None]:
-    """Images and XML side by side, in the root (seeded split) or in split folders."""
+def _annotation_folders(root: Path) -> list[tuple[str | None, Path, list[Path]]]:
+    """Every folder of XML files outside the devkit layout: ``(split or None, folder, image
+    folders)``. XML in the root itself; split folders holding images and XML side by side;
+    annotation folders beside image folders, in the root or in a split folder."""
     if any(root.glob("*.xml")):
-        folders = {None: root}
-    else:
-        folders = {split_name(d.name): d for d in sorted(root.iterdir()) if d.is_dir() and any(d.glob("*.xml"))}
+        return [(None, root, [root])]
+    found: list[tuple[str | None, Path, list[Path]]] = []
+    for folder in sorted(d for d in root.iterdir() if d.is_dir()):
+        if any(folder.glob("*.xml")):
+            if _is_annotation_folder(folder):
+                found.append((None, folder, _image_folders_beside(folder)))
+            else:
+                found.append((split_name(folder.name), folder, [folder]))
+        elif split_name(folder.name) in SPLIT_ORDER:
+            for sub in sorted(d for d in folder.iterdir() if d.is_dir()):
+                if any(sub.glob("*.xml")) and _is_annotation_folder(sub):
+                    found.append((split_name(folder.name), sub, _image_folders_beside(sub)))
+    return found
+
+
+def _flat_layout(root: Path, problems: list[Problem]) -> tuple[list[_Parsed], dict[str, list[str]] | None]:
+    """Images and XML side by side, or in sibling folders; in the root (seeded split) or in
+    split folders."""
     ordered: list[_Parsed] = []
     splits: dict[str, list[str]] = {}
-    for name, folder in folders.items():
-        images = _image_index(folder)
-        parsed = [_parse_xml(x, root, images, folder, problems) for x in sorted(folder.glob("*.xml"))]
+    for name, ann_dir, image_dirs in _annotation_folders(root):
+        images = _image_index(image_dirs)
+        parsed = [_parse_xml(x, root, images, image_dirs or [ann_dir.parent / "images"], problems) for x in sorted(ann_dir.glob("*.xml"))]
         parsed = [p for p in parsed if p]
-        _report_unannotated(images, {p.image for p in parsed}, root, problems)
+        _report_unannotated(images, {p.image for p in parsed}, ann_dir, root, problems)
         ordered += parsed
         if name is not None:
             splits.setdefault(name, []).extend(image_id_for(p.image, root) for p in parsed)
@@ -248,7 +327,7 @@ def is_voc(root: Path) -> bool:
         return True
     if any(root.glob("*.xml")):
         return True
-    return any(d.is_dir() and any(d.glob("*.xml")) for d in root.iterdir())
+    return bool(_annotation_folders(root))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,8 +346,9 @@ def read_voc(root: Path, *, seed: int = 0, fractions: Sequence[float] = (0.8, 0.
             f"its split folders); point kdet at the folder that holds Annotations/ and JPEGImages/"
         )
     problems: list[Problem] = []
-    if (root / "Annotations").is_dir():
-        parsed, split_ids = _devkit_layout(root, problems)
+    ann_dir = _devkit_annotations(root)
+    if ann_dir is not None:
+        parsed, split_ids = _devkit_layout(root, ann_dir, problems)
     else:
         parsed, split_ids = _flat_layout(root, problems)
 
@@ -278,7 +358,7 @@ def read_voc(root: Path, *, seed: int = 0, fractions: Sequence[float] = (0.8, 0.
         class_source = relative_name(class_file, root)
     else:
         class_names = sorted({obj.name for p in parsed for obj in p.objects})
-        class_source = relative_name(root / "Annotations", root) if (root / "Annotations").is_dir() else "."
+        class_source = relative_name(ann_dir, root) if ann_dir is not None else "."
     class_ids = {name: k for k, name in enumerate(class_names)}
 
     pending: dict[str, PendingImage] = {}

@@ -166,3 +166,37 @@ def test_seeded_split_does_not_move_when_an_image_is_skipped(tree):
     for name, records in header_only.splits.items():
         expected = [r.image_id for r in records if r.image_id != "img05"]
         assert [r.image_id for r in verified.splits[name]] == expected
+
+
+@pytest.mark.parametrize("ann_folder", ["annotations", "annots"])
+def test_images_and_annotation_folders_side_by_side(tree, ann_folder):
+    """The common GitHub layout: images/ + annotations/, <folder> says images. The annotation
+    folder is a folder, not a split; images are found by the XML's name, <filename> or <path>."""
+    for k in range(10):
+        tree.image(f"images/img{k}.jpg")
+        tree.voc_xml(f"{ann_folder}/img{k}.xml", [("cat", 1, 1, 9, 9)], folder="images")
+    tree.image("images/photo.png")
+    tree.voc_xml(f"{ann_folder}/renamed.xml", [("dog", 2, 2, 8, 8)], folder="images", filename="photo.png")  # by <filename>
+    tree.image("images/shot.jpg")
+    tree.voc_xml(f"{ann_folder}/other.xml", [("dog", 1, 1, 5, 5)], filename="stale.jpg",
+                 path="C:\\Users\\someone\\data\\images\\shot.jpg")  # by the file name in <path>
+    tree.image("images/lonely.jpg")  # no XML describes it
+
+    index = read_dataset(tree.root)
+
+    assert index.format == "voc" and index.split_source == "seeded"
+    assert set(index.splits) == {"train", "val", "test"}
+    records = by_name(index)
+    assert len(records) == 12 and records["photo.png"].labels.tolist() == [1]
+    assert records["shot.jpg"].labels.tolist() == [1] and records["img3.jpg"].image_id == "images/img3"
+    assert kinds(index) == [("missing_annotation", "images/lonely.jpg", None)]
+    assert f"{ann_folder}/lonely.xml" in index.problems[0].message
+
+
+def test_annotation_folders_inside_split_folders(tree):
+    for split in ("train", "valid"):
+        tree.image(f"{split}/images/x.jpg")
+        tree.voc_xml(f"{split}/annotations/x.xml", [("cat", 1, 1, 9, 9)], folder="images")
+    index = read_dataset(tree.root)
+    assert index.split_source == "dataset" and index.problems == []
+    assert {k: [r.image_id for r in v] for k, v in index.splits.items()} == {"train": ["train/images/x"], "val": ["valid/images/x"]}

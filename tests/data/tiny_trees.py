@@ -54,10 +54,17 @@ class Tree:
     def json(self, rel: str, payload: dict) -> Path:
         return self.text(rel, json.dumps(payload, indent=1))
 
-    def voc_xml(self, rel: str, objects: list[tuple], size: tuple[int, int] | None = (W, H), filename: str | None = None) -> Path:
+    def voc_xml(self, rel: str, objects: list[tuple], size: tuple[int, int] | None = (W, H), filename: str | None = None,
+                folder: str | None = None, path: str | None = None) -> Path:
         """``objects``: ``(name, xmin, ymin, xmax, ymax[, difficult])``. Each ``<object>`` starts
-        on line ``9 + 10 * k`` (k = 0, 1, ...) when ``size`` is given."""
-        lines = ["<annotation>", f"\t<filename>{filename or Path(rel).stem + '.jpg'}</filename>"]
+        on line ``9 + 10 * k`` (k = 0, 1, ...) when ``size`` is given and neither ``folder`` nor
+        ``path`` is (each adds a line before the objects)."""
+        lines = ["<annotation>"]
+        if folder is not None:
+            lines.append(f"\t<folder>{folder}</folder>")
+        lines.append(f"\t<filename>{filename or Path(rel).stem + '.jpg'}</filename>")
+        if path is not None:
+            lines.append(f"\t<path>{path}</path>")
         if size:
             lines += ["\t<size>", f"\t\t<width>{size[0]}</width>", f"\t\t<height>{size[1]}</height>", "\t\t<depth>3</depth>", "\t</size>"]
         lines.append("\t<segmented>0</segmented>")
