@@ -137,7 +137,7 @@ def export_yolo(index: DatasetIndex, out_dir: str | Path, *, copy_images: bool =
             _place_image(record.path, out / "images" / split / file_name, copy_images)
             label_path = label_dir / (Path(file_name).stem + ".txt")
             if len(record.labels) == 0:
-                label_path.unlink(missing_ok=True)
+                label_path.write_text("", encoding="utf-8")  # empty, not missing: no objects, on purpose
                 continue
             boxes = record.boxes.astype(np.float64)  # [M, 4]
             scale = np.array([record.width, record.height, record.width, record.height], dtype=np.float64)

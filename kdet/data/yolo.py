@@ -16,8 +16,12 @@ splits (Ultralytics ignores them; kdet's YOLO export writes VOC's ``trainval`` t
 The label of ``.../images/x/a.jpg`` is ``.../labels/x/a.txt`` (the last ``images`` folder in the
 path replaced by ``labels``), or ``a.txt`` beside the image when the path has no ``images`` folder.
 Each line is ``class cx cy w h`` normalised to ``[0, 1]``; segmentation lines
-(``class x1 y1 x2 y2 ...``) become their bounding box. A missing label file means an image with
-no objects (normal in YOLO, not reported); an empty one is reported and kept.
+(``class x1 y1 x2 y2 ...``) become their bounding box. An empty label file means an image with
+no objects; a missing one is read the same way (as Ultralytics does) but reported, since it
+more often means a label file was lost than an image left empty on purpose.
+
+A ``train``, ``val`` or ``test`` folder with images beside the listed ones (``test/images``,
+``images/test``...) that the YAML does not name is reported with the line that would add it.
 """
 from __future__ import annotations
 
@@ -217,6 +221,31 @@ def _folder_splits(root: Path) -> tuple[list[str], dict[str, list] | None, list,
     return names, None, [(p, None) for p in list_images(images_dir, recursive=True)], relative_name(class_file, root)
 
 
+def _unlisted_split_folders(base: Path, yaml_path: Path, splits: dict[str, list], listed: set[Path]) -> list[Problem]:
+    """A problem for each ``train``/``val``/``test`` folder of images beside the listed ones
+    (``test/``, ``test/images``, ``images/test``, ``valid/``...) when the YAML has no entry for
+    that split and none of its images is listed under another key: it is not read."""
+    problems = []
+    folders = {d.name.lower(): d for root in (base, base / "images") if root.is_dir() for d in root.iterdir() if d.is_dir()}
+    for key in YAML_SPLIT_KEYS:
+        if key in splits:
+            continue
+        for name, folder in sorted(folders.items()):
+            if split_name(name) != key:
+                continue
+            images = list_images(folder, recursive=True)
+            if not images or any(image in listed for image in images):
+                continue
+            entry = folder / "images" if (folder / "images").is_dir() else folder
+            problems.append(Problem(
+                relative_name(yaml_path, base), "unlisted_split_folder",
+                f"{relative_name(folder, base)}/ holds {len(images)} image(s) but {yaml_path.name} has no '{key}' entry",
+                f"not read; to use it as the {key} split add the line `{key}: {relative_name(entry, base)}` to {yaml_path.name}",
+            ))
+            break
+    return problems
+
+
 # ---------------------------------------------------------------------------------------------
 # Label files
 # ---------------------------------------------------------------------------------------------
@@ -237,9 +266,7 @@ def _parse_labels(label: Path, root: Path, num_classes: int, problems: list[Prob
         report("malformed_annotation", f"cannot read the label file ({err})", "image kept with no objects")
         return boxes, labels, positions
     if not any(line.strip() for line in lines):
-        report("empty_label_file", "the label file is empty (a missing file says the same without a problem)",
-               "kept as an image with no objects")
-        return boxes, labels, positions
+        return boxes, labels, positions  # an image with no objects, said explicitly
     for line_no, line in enumerate(lines, start=1):
         fields = line.split()
         if not fields:
@@ -320,8 +347,17 @@ def read_yolo(path: Path, *, seed: int = 0, fractions: Sequence[float] = (0.8, 0
             if image_id in pending:
                 continue  # the same image in two splits: one record, shared
             label = label_path_for(image)
-            # no label file: an image with no objects, YOLO's normal way to say so
-            boxes, labels, positions = _parse_labels(label, root, len(class_names), problems) if label.is_file() else ([], [], [])
+            if label.is_file():
+                boxes, labels, positions = _parse_labels(label, root, len(class_names), problems)
+            else:
+                boxes, labels, positions = [], [], []
+                if image.is_file():  # a missing image is reported when it is opened
+                    problems.append(Problem(
+                        relative_name(image, root), "missing_label_file",
+                        f"no label file {relative_name(label, root)} for this image",
+                        "kept as an image with no objects; if it has objects, restore its label file, "
+                        "and write an empty one for an image that has none",
+                    ))
             pending[image_id] = PendingImage(
                 image_id, image, relative_name(label, root),
                 boxes=np.array(boxes, dtype=np.float64).reshape(-1, 4),
@@ -333,6 +369,8 @@ def read_yolo(path: Path, *, seed: int = 0, fractions: Sequence[float] = (0.8, 0
             split_ids[split] = members
     if not pending and not problems:
         raise DataError(f"{path}: the YOLO dataset lists no images; check the image folders in {yaml_path or path / 'images'}")
+    if yaml_path is not None:
+        problems += _unlisted_split_folders(root, yaml_path, splits, {p.path for p in pending.values()})
 
     records = build_records(list(pending.values()), class_names, root, verify_images=verify_images, problems=problems)
     return assemble_index(root, "yolo", class_names, records, split_ids or None, problems,

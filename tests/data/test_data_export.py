@@ -67,7 +67,7 @@ def test_layouts_on_disk(voc_source, tmp_path):
     assert (coco / "valid" / "_annotations.coco.json").is_file() and (coco / "valid" / "c.jpg").is_file()
     yolo = export_yolo(voc_source, tmp_path / "yolo")
     assert (yolo / "data.yaml").is_file() and (yolo / "labels" / "train" / "a.txt").is_file()
-    assert not (yolo / "labels" / "val" / "c.txt").exists()  # no boxes: no label file
+    assert (yolo / "labels" / "val" / "c.txt").read_text() == ""  # no boxes: an empty label file, not a missing one
     # trainval is listed, not copied a second time
     assert sorted(p.name for p in (yolo / "images").iterdir()) == ["train", "val"]
     assert (yolo / "trainval.txt").read_text().split() == ["./images/train/a.jpg", "./images/train/b.jpg", "./images/val/c.jpg"]

@@ -12,7 +12,8 @@ from tiny_trees import by_name, kinds, tree  # noqa: F401  (tree is a fixture)
 def test_clean_yaml_layout(tree):
     tree.image("images/train/a.jpg")
     tree.text("labels/train/a.txt", "1 0.5 0.5 0.25 0.5\n0 0.125 0.25 0.25 0.5\n")
-    tree.image("images/train/b.jpg")  # no label file: an image with no objects, not a problem
+    tree.image("images/train/b.jpg")
+    tree.text("labels/train/b.txt", "")  # empty: an image with no objects, not a problem
     tree.image("images/val/c.png")
     tree.text("labels/val/c.txt", "0 0.5 0.5 1 1\n")
     tree.text("data.yaml", "path: .\ntrain: images/train\nval: images/val\nnames:\n  0: cat\n  1: dog\n")
@@ -47,8 +48,9 @@ def test_every_defect_is_reported(tree):
         "0 0.5 0.5 0.25 0.5 0.9",      # 10 six fields (a prediction with its score?)
     ]) + "\n")
     tree.image("images/train/b.jpg")
-    tree.text("labels/train/b.txt", "")  # empty
+    tree.text("labels/train/b.txt", "")  # empty: no objects, said explicitly
     tree.image("images/train/c.jpg")
+    tree.text("labels/train/c.txt", "")
     tree.image("images/train/c.png")  # same id as c.jpg
     tree.truncated_jpeg("images/train/d.jpg")
     tree.image("images/train/e.jpg", fmt="PNG")
@@ -61,11 +63,12 @@ def test_every_defect_is_reported(tree):
         ("box_outside", "labels/train/a.txt", 8),
         ("duplicate_image_id", "images/train/c.png", None),
         ("duplicate_image_id", "images/train/c.png", None),  # listed in train and in val
-        ("empty_label_file", "labels/train/b.txt", None),
         ("extension_mismatch", "images/train/e.jpg", None),
         ("malformed_annotation", "labels/train/a.txt", 2),
         ("malformed_annotation", "labels/train/a.txt", 3),
         ("malformed_annotation", "labels/train/a.txt", 10),
+        ("missing_label_file", "images/train/d.jpg", None),
+        ("missing_label_file", "images/train/e.jpg", None),
         ("polygon_converted", "labels/train/a.txt", 5),
         ("truncated_image", "images/train/d.jpg", None),
         ("unknown_class", "labels/train/a.txt", 4),
@@ -76,8 +79,8 @@ def test_every_defect_is_reported(tree):
     np.testing.assert_allclose(records["a.jpg"].boxes, [[12, 6, 20, 18], [3.2, 2.4, 16, 12], [20.8, 15.6, 32, 24]], atol=1e-4)
     assert records["a.jpg"].labels.tolist() == [0, 1, 1]
     assert len(records["b.jpg"].labels) == 0
-    empty = next(p for p in index.problems if p.kind == "empty_label_file")
-    assert empty.action == "kept as an image with no objects"
+    missing = next(p for p in index.problems if p.kind == "missing_label_file" and p.file == "images/train/e.jpg")
+    assert "labels/train/e.txt" in missing.message and missing.action.startswith("kept as an image with no objects")
     assert "4" in next(p.message for p in index.problems if p.line == 2)  # says how many fields it got
 
 
@@ -100,6 +103,7 @@ def test_folder_layout_with_classes_txt(tree):
     tree.image("images/train/a.jpg")
     tree.text("labels/train/a.txt", "0 0.5 0.5 0.5 0.5\n")
     tree.image("images/valid/b.jpg")
+    tree.text("labels/valid/b.txt", "")
     tree.text("classes.txt", "cell\nother\n")
 
     index = read_dataset(tree.root)
@@ -128,3 +132,38 @@ def test_yaml_pointing_nowhere_is_an_error(tree):
     tree.text("data.yaml", "train: images/train\nnames: [a]\n")
     with pytest.raises(DataError, match="images/train does not exist"):
         read_dataset(tree.root)
+
+
+def test_missing_label_file_is_reported_and_empty_one_is_not(tree):
+    tree.image("images/train/a.jpg")
+    tree.text("labels/train/a.txt", "0 0.5 0.5 0.5 0.5\n")
+    tree.image("images/train/empty.jpg")
+    tree.text("labels/train/empty.txt", "\n")
+    tree.image("images/train/lost.jpg")  # its label file is missing
+    tree.text("data.yaml", "train: images/train\nval: images/train\nnames: [cell]\n")
+
+    index = read_dataset(tree.root)
+
+    records = by_name(index)
+    assert len(records["empty.jpg"].labels) == 0 and len(records["lost.jpg"].labels) == 0  # both kept, as Ultralytics does
+    assert kinds(index) == [("missing_label_file", "images/train/lost.jpg", None)]
+    assert "labels/train/lost.txt" in index.problems[0].message
+
+
+def test_test_folder_the_yaml_does_not_name_is_reported(tree):
+    for split in ("train", "valid", "test"):
+        tree.image(f"{split}/images/{split}.jpg")
+        tree.text(f"{split}/labels/{split}.txt", "0 0.5 0.5 0.5 0.5\n")
+    tree.text("data.yaml", "train: ../train/images\nval: ../valid/images\nnames: [cell]\n")
+
+    index = read_dataset(tree.root)
+
+    assert set(index.splits) == {"train", "val"}
+    assert kinds(index) == [("unlisted_split_folder", "data.yaml", None)]
+    problem = index.problems[0]
+    assert "test/ holds 1 image(s)" in problem.message and "no 'test' entry" in problem.message
+    assert "`test: test/images`" in problem.action
+    # the line it suggests reads the folder
+    tree.text("data.yaml", "train: ../train/images\nval: ../valid/images\ntest: test/images\nnames: [cell]\n")
+    again = read_dataset(tree.root)
+    assert again.problems == [] and [r.image_id for r in again.splits["test"]] == ["test/images/test"]
