@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from ..structures import DatasetIndex, ImageRecord, Problem
 
@@ -33,6 +33,14 @@ FORMAT_OF_SUFFIX = {
 CLIP_TOLERANCE_PX = 1e-2
 
 SPLIT_ORDER = ("train", "val", "test")
+# EXIF orientation (tag 0x0112) -> how the stored pixels are turned to show the image upright,
+# as PIL's ImageOps.exif_transpose does it; 5 to 8 swap width and height.
+EXIF_ORIENTATIONS = {
+    2: "mirrored left-right", 3: "rotated 180 degrees", 4: "mirrored top-bottom",
+    5: "mirrored and rotated 90 degrees", 6: "rotated 90 degrees clockwise",
+    7: "mirrored and rotated 90 degrees", 8: "rotated 90 degrees counter-clockwise",
+}
+
 # Folder or file names that mean a split, as Roboflow, Ultralytics and COCO spell them.
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                  "validation": "val", "test": "test", "testing": "test"}
@@ -78,13 +86,20 @@ class PendingImage:
 
 @dataclass(frozen=True)
 class ImageInfo:
-    """What opening one image told us: its size and format, or why it cannot be used."""
+    """What opening one image told us: its upright size (after its EXIF orientation) and
+    format, or why it cannot be used."""
 
     width: int = 0
     height: int = 0
     format: str | None = None
     error_kind: str | None = None  # "unreadable_image" | "truncated_image"
     error: str = ""
+    orientation: int = 1  # EXIF orientation tag; 1 (or none): stored upright
+
+    @property
+    def stored_size(self) -> tuple[int, int]:
+        """``(width, height)`` of the pixels as stored in the file, before the EXIF orientation."""
+        return (self.height, self.width) if self.orientation in (5, 6, 7, 8) else (self.width, self.height)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,22 +142,54 @@ def read_class_file(path: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Images
 # ---------------------------------------------------------------------------------------------
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag of an opened image, 1 when it has none or an invalid one."""
+    try:
+        value = img.getexif().get(ExifTags.Base.Orientation, 1)
+    except (OSError, SyntaxError, ValueError, TypeError):
+        return 1  # unreadable EXIF: the pixels are used as stored
+    return value if value in EXIF_ORIENTATIONS else 1
+
+
+# how ImageOps.exif_transpose turns each orientation upright
+UPRIGHT_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90,
+}
+
+
+def open_upright(path: str | Path) -> Image.Image:
+    """The image at ``path`` as an RGB PIL image, turned upright by its EXIF orientation (as
+    ``ImageOps.exif_transpose``, annotation tools and Ultralytics do), so its size is the one
+    :func:`probe_image` gives the readers. Every place that shows a model an image or draws on
+    one (training, eval, predict, export checks, the report) reads it through here."""
+    with Image.open(path) as img:
+        orientation = exif_orientation(img)
+        image = img.convert("RGB")
+    return image.transpose(UPRIGHT_TRANSPOSE[orientation]) if orientation != 1 else image
+
+
 def probe_image(path: Path, verify: bool) -> ImageInfo:
     """Open ``path`` with PIL. ``verify`` decodes every pixel to catch truncated files;
-    otherwise only the header (size, format) is read."""
+    otherwise only the header (size, format, EXIF orientation) is read. The size is the
+    upright one: an EXIF orientation of 5 to 8 swaps the stored width and height, as
+    ``ImageOps.exif_transpose`` (and so :func:`kdet.data.pipeline.load_image`) will."""
     if not path.is_file():
         return ImageInfo(error_kind="unreadable_image", error="image file not found")
     try:
         with Image.open(path) as img:
             width, height, fmt = img.width, img.height, img.format
+            orientation = exif_orientation(img)
+            if orientation in (5, 6, 7, 8):
+                width, height = height, width
             if verify:
                 try:
                     img.load()
                 except (OSError, SyntaxError, ValueError) as err:
-                    return ImageInfo(width, height, fmt, "truncated_image", f"image data is truncated or corrupt ({err})")
+                    return ImageInfo(width, height, fmt, "truncated_image", f"image data is truncated or corrupt ({err})", orientation)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         return ImageInfo(error_kind="unreadable_image", error=f"cannot decode the image ({err})")
-    return ImageInfo(width, height, fmt)
+    return ImageInfo(width, height, fmt, orientation=orientation)
 
 
 def probe_images(paths: Sequence[Path], verify: bool) -> dict[Path, ImageInfo]:
@@ -216,11 +263,14 @@ def build_records(
 
     Images that cannot be used are left out, each with an ``unreadable_image`` or
     ``truncated_image`` problem; a content format that differs from the extension is reported
-    (``extension_mismatch``) and the image kept; an annotated size that differs from the real one
-    is reported (``size_mismatch``) and the real size used. Problems are appended to ``problems``.
+    (``extension_mismatch``) and the image kept; an image with an EXIF orientation is turned
+    upright, as annotation tools and Ultralytics show it, and reported (``exif_orientation``); an
+    annotated size that differs from the real (upright) one is reported (``size_mismatch``) and the
+    real size used. Problems are appended to ``problems``.
     """
     infos = probe_images([p.path for p in pending], verify_images)
     reported: set[Path] = set()  # one image problem per file, even if several entries share it
+    oriented: set[Path] = set()
     records: dict[str, ImageRecord] = {}
     for item in pending:
         info = infos[item.path]
@@ -239,12 +289,25 @@ def build_records(
                 f"read as {info.format}",
             ))
             reported.add(item.path)
+        if info.orientation != 1 and item.path not in oriented:
+            stored_w, stored_h = info.stored_size
+            problems.append(Problem(
+                image_file, "exif_orientation",
+                f"the image carries EXIF orientation {info.orientation} ({EXIF_ORIENTATIONS[info.orientation]}): "
+                f"stored as {stored_w}x{stored_h}, upright {info.width}x{info.height}",
+                f"turned upright as the tag says (as annotation tools and Ultralytics do): its boxes are read on the "
+                f"{info.width}x{info.height} upright image, which training, eval, predict and the report also see",
+            ))
+            oriented.add(item.path)
         if item.declared_size and item.declared_size != (info.width, info.height):
             w, h = item.declared_size
+            unturned = info.orientation != 1 and item.declared_size == info.stored_size
+            why = (f"; {w}x{h} is its size before the EXIF orientation is applied, so its boxes may have been drawn "
+                   f"on the unturned pixels: check them") if unturned else ""
             problems.append(Problem(
                 item.annotation_file, "size_mismatch",
-                f"the annotation gives the size of {image_file} as {w}x{h} but the image is {info.width}x{info.height}",
-                "used the image's real size",
+                f"the annotation gives the size of {image_file} as {w}x{h} but the image is {info.width}x{info.height}{why}",
+                "used the image's real size" + (" (upright)" if info.orientation != 1 else ""),
             ))
         boxes, labels, difficult, box_problems = clean_boxes(item, info.width, info.height, class_names)
         problems.extend(box_problems)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
@@ -25,6 +24,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..config import AugmentConfig
 from ..structures import ImageRecord
+from .common import open_upright
 
 PAD_VALUE = 114  # grey, as YOLOv5 pads
 
@@ -66,10 +66,9 @@ class Letterbox:
 
 
 def load_image(path) -> Tensor:
-    """``uint8 [3, H, W]`` RGB, pixels as stored (no EXIF rotation, matching the sizes the
-    readers record)."""
-    with Image.open(path) as img:
-        return TF.pil_to_tensor(img.convert("RGB"))
+    """``uint8 [3, H, W]`` RGB, turned upright by its EXIF orientation
+    (:func:`~kdet.data.common.open_upright`): ``H`` and ``W`` are the sizes the readers record."""
+    return TF.pil_to_tensor(open_upright(path))
 
 
 def letterbox_image(image: Tensor, box: Letterbox) -> Tensor:

@@ -10,8 +10,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-from PIL import Image, ImageDraw
+from PIL import ImageDraw
 
+from ..data.common import open_upright
 from ..engine.metrics import ImagePredictions
 from ..engine.trainer import read_history
 from ..engine.predict import PALETTE as CLASS_COLORS
@@ -181,8 +182,7 @@ def pr_curves(curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray, float | 
 # ---------------------------------------------------------------------------------------------
 def draw_boxes(record: ImageRecord, boxes: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """The record's image (RGB uint8 ``[H, W, 3]``) with ``boxes`` (xyxy original pixels) drawn in their class colours."""
-    with Image.open(record.path) as opened:
-        image = opened.convert("RGB")
+    image = open_upright(record.path)  # the pixels the record's boxes refer to
     draw = ImageDraw.Draw(image)
     line = max(1, round(min(image.size) / 160))
     for box, label in zip(boxes.tolist(), labels.tolist()):
