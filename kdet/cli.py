@@ -31,7 +31,9 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=1))
     else:
         render_summary(summary, console)
-    return 0
+    for error in summary["errors"]:
+        print(f"kdet data check: error: {error}", file=sys.stderr)
+    return 1 if summary["errors"] else 0
 
 
 def cmd_data_convert(args: argparse.Namespace) -> int:
@@ -286,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = sub.add_parser("data", help="inspect or convert a dataset").add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    check = data.add_parser("check", help="read a dataset and report its contents and every problem found")
+    check = data.add_parser("check", help="read a dataset and report its contents and every problem found; "
+                            "exit code 1 when no usable image is left or a split the dataset names is lost")
     check.add_argument("path", help="dataset folder, or bundled:bccd")
     check.add_argument("--format", default="auto", choices=["auto", "voc", "coco", "yolo"])
     check.add_argument("--json", action="store_true", help="print a machine-readable summary")

@@ -80,6 +80,9 @@ class DatasetIndex:
     ``splits`` maps split names (``train``, ``val``, ``test`` ...) to records; ``split_source``
     says where the split came from (``"dataset"`` when the dataset defines it, ``"seeded"`` when
     kdet made it). ``problems`` holds everything the reader found wrong, nothing left out.
+    ``lost_splits`` maps each split the dataset names but that has no usable image (an
+    unreadable annotation file, every image skipped...) to why; such a split is not in
+    ``splits``.
     """
 
     root: Path
@@ -88,13 +91,18 @@ class DatasetIndex:
     splits: dict[str, list[ImageRecord]]
     problems: list[Problem] = field(default_factory=list)
     split_source: str = "dataset"
+    lost_splits: dict[str, str] = field(default_factory=dict)
+
+    def missing_split_message(self, name: str) -> str:
+        """Why ``name`` is not a split of this dataset, and what it has instead."""
+        if name in self.lost_splits:
+            return (f"dataset {self.root}: split {name!r} is lost: {self.lost_splits[name]}. Fix that (`kdet data check "
+                    f"{self.root}` lists every problem), or use another split; it has {sorted(self.splits)}")
+        return f"dataset {self.root} has no split {name!r}; it has {sorted(self.splits)}"
 
     def split(self, name: str) -> list[ImageRecord]:
         if name not in self.splits:
-            raise KeyError(
-                f"dataset {self.root} has no split {name!r}; it has {sorted(self.splits)}. "
-                f"Set data.*_split in the config to one of those."
-            )
+            raise KeyError(f"{self.missing_split_message(name)}. Set data.*_split in the config to one of those.")
         return self.splits[name]
 
     def all_records(self) -> list[ImageRecord]:

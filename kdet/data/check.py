@@ -13,6 +13,8 @@ from rich.text import Text
 from ..structures import DatasetIndex
 
 SHOWN_PER_KIND = 20
+# a class with at most this many boxes over the whole dataset cannot be both learned and scored
+RARE_CLASS_BOXES = 2
 
 
 def _stats(values: np.ndarray) -> dict[str, float] | None:
@@ -29,7 +31,10 @@ def summarize(index: DatasetIndex) -> dict:
     every class, zero included), ``splits`` (name -> ``{"images", "boxes"}``), ``split_source``,
     ``image_sizes`` (``[{"width", "height", "count"}]``, most common first), ``box_sizes``
     (``{"width": {"min", "median", "max"}, "height": {...}}`` in pixels, ``None`` without boxes),
-    ``problems`` (every :meth:`Problem.to_dict`), ``problem_counts`` (kind -> count).
+    ``problems`` (every :meth:`Problem.to_dict`), ``problem_counts`` (kind -> count),
+    ``lost_splits`` (name -> why, for splits the dataset names that have no usable image),
+    ``warnings`` (:func:`class_warnings`) and ``errors``: why the dataset cannot be trained on as
+    it is (no usable image, a lost split); ``kdet data check`` exits 1 when there is one.
     """
     records = index.all_records()
     num_classes = len(index.class_names)
@@ -59,7 +64,54 @@ def summarize(index: DatasetIndex) -> dict:
         },
         "problems": [p.to_dict() for p in index.problems],
         "problem_counts": dict(Counter(p.kind for p in index.problems).most_common()),
+        "lost_splits": dict(index.lost_splits),
+        "warnings": class_warnings(index),
+        "errors": dataset_errors(index),
     }
+
+
+def dataset_errors(index: DatasetIndex) -> list[str]:
+    """Why ``index`` cannot be used as it is: no usable image at all, or a split it names lost."""
+    errors = []
+    if not index.all_records():
+        errors.append(f"no usable image in {index.root}: every image was skipped or none was found (see the problems)")
+    for name, why in index.lost_splits.items():
+        errors.append(f"split {name!r} is lost: {why}")
+    return errors
+
+
+def class_warnings(index: DatasetIndex) -> list[dict]:
+    """One ``{"kind": "rare_class", "class", "boxes", "splits", "message"}`` per class that has
+    boxes but too few to be learned and scored: at most :data:`RARE_CLASS_BOXES` in all, or none
+    in the train split, or none in the test split (its test AP is then undefined, and left out of
+    the means). ``splits`` counts its boxes per split."""
+    warnings = []
+    num_classes = len(index.class_names)
+    per_split = {
+        name: sum((np.bincount(r.labels, minlength=num_classes) for r in records), np.zeros(num_classes, np.int64))
+        for name, records in index.splits.items()
+    }
+    total = np.zeros(num_classes, dtype=np.int64)
+    for record in index.all_records():
+        total += np.bincount(record.labels, minlength=num_classes)
+    for k, name in enumerate(index.class_names):
+        if total[k] == 0:
+            continue  # an unused_class problem says so already
+        counts = {split: int(c[k]) for split, c in per_split.items() if c[k] > 0}
+        why = []
+        if total[k] <= RARE_CLASS_BOXES:
+            why.append(f"only {total[k]} box(es): too few to learn it or to score it")
+        for split, consequence in (("train", "it cannot be learned"), ("test", "its test AP is undefined and left out of the means")):
+            if split in index.splits and split not in counts:
+                why.append(f"no box in the {split} split: {consequence}")
+        if why:
+            where = ", ".join(f"{split}: {n}" for split, n in counts.items())
+            warnings.append({
+                "kind": "rare_class", "class": name, "boxes": int(total[k]), "splits": counts,
+                "message": f"class {name!r} has {total[k]} box(es) ({where}); " + "; ".join(why)
+                           + ". Add boxes of it, or merge or remove the class",
+            })
+    return warnings
 
 
 def render_summary(summary: dict, console: Console) -> None:
@@ -101,6 +153,10 @@ def render_summary(summary: dict, console: Console) -> None:
             shapes.add_row(f"box {axis}", f"min {s['min']:g}, median {s['median']:g}, max {s['max']:g}")
     console.print(shapes)
 
+    for warning in summary["warnings"]:
+        console.print(Text(f"warning: {warning['message']}", style="yellow"))
+    for error in summary["errors"]:
+        console.print(Text(f"error: {error}", style="bold red"))
     if not summary["problems"]:
         console.print(Text("No problems found.", style="green"))
         return

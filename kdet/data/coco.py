@@ -18,8 +18,9 @@ Classes are the categories sorted by id; several JSON files must have the same c
 (matched by name, so ids may differ between files). A category that has no annotations and is
 only the supercategory of the others (Roboflow's id-0 category, e.g. ``cells``) is dropped from
 the class list and reported. Boxes are COCO ``xywh``, converted to ``xyxy``; ``iscrowd=1``
-annotations are reported and not used. Problems about an annotation give its index in the
-JSON ``annotations`` list as ``line``.
+annotations are reported and not used. Problems about an annotation or an ``images`` entry
+name it by its index (``annotation #12``) and give the line of the JSON file it starts on (none
+when the file is all on one line).
 """
 from __future__ import annotations
 
@@ -107,10 +108,51 @@ def _image_folders(json_path: Path, root: Path) -> list[Path]:
 # ---------------------------------------------------------------------------------------------
 # One file
 # ---------------------------------------------------------------------------------------------
-def _load(json_path: Path, root: Path, problems: list[Problem]) -> dict | None:
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _array_lines(text: str, key: str) -> list[int | None]:
+    """The 1-based line on which each element of the top-level array ``key`` starts in the JSON
+    ``text`` (already known to parse); all ``None`` when the file is on one line, so a line
+    would say nothing. Empty when there is no such array."""
+    decoder = json.JSONDecoder()
+    pos = _WHITESPACE.match(text, 0).end()
+    if text[pos : pos + 1] != "{":
+        return []
+    pos = _WHITESPACE.match(text, pos + 1).end()
+    while text[pos : pos + 1] == '"':
+        name, pos = decoder.raw_decode(text, pos)
+        pos = _WHITESPACE.match(text, _WHITESPACE.match(text, pos).end() + 1).end()  # past the ':'
+        if name == key and text[pos : pos + 1] == "[":
+            starts = []
+            pos = _WHITESPACE.match(text, pos + 1).end()
+            while text[pos : pos + 1] not in ("]", ""):
+                starts.append(pos)
+                _, pos = decoder.raw_decode(text, pos)
+                pos = _WHITESPACE.match(text, pos).end()
+                if text[pos : pos + 1] == ",":
+                    pos = _WHITESPACE.match(text, pos + 1).end()
+            if "\n" not in text.strip():
+                return [None] * len(starts)
+            lines, line, previous = [], 1, 0
+            for start in starts:
+                line += text.count("\n", previous, start)
+                lines.append(line)
+                previous = start
+            return lines
+        _, pos = decoder.raw_decode(text, pos)  # a value of another key: skipped
+        pos = _WHITESPACE.match(text, pos).end()
+        if text[pos : pos + 1] == ",":
+            pos = _WHITESPACE.match(text, pos + 1).end()
+    return []
+
+
+def _load(json_path: Path, root: Path, problems: list[Problem]) -> tuple[dict, str] | None:
+    """The parsed COCO file and its text; ``None`` (with a problem) when it cannot be used."""
     rel = relative_name(json_path, root)
     try:
-        data = json.loads(json_path.read_text(encoding="utf-8-sig"))
+        text = json_path.read_text(encoding="utf-8-sig")
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         problems.append(Problem(rel, "malformed_annotation", f"not valid JSON: {err.msg} (column {err.colno})", "file skipped", err.lineno))
         return None
@@ -123,7 +165,7 @@ def _load(json_path: Path, root: Path, problems: list[Problem]) -> dict | None:
     if not isinstance(data.get("annotations", []), list):
         problems.append(Problem(rel, "malformed_annotation", "'annotations' is not a list", "file skipped"))
         return None
-    return data
+    return data, text
 
 
 def _categories(data: dict, rel: str, problems: list[Problem]) -> list[dict[str, Any]]:
@@ -151,24 +193,33 @@ def _number_list(value: Any, length: int) -> list[float] | None:
 
 
 def _read_file(
-    data: dict, rel: str, folders: list[Path], root: Path, cat_to_class: dict[Any, int | None], problems: list[Problem]
+    data: dict, text: str, rel: str, folders: list[Path], root: Path, cat_to_class: dict[Any, int | None], problems: list[Problem]
 ) -> list[PendingImage]:
-    """Images of one COCO file with their boxes (xyxy), in the order of its ``images`` list."""
+    """Images of one COCO file with their boxes (xyxy), in the order of its ``images`` list.
+    ``text`` is the file's text, for the lines problems point at."""
+    annotations = data.get("annotations", [])
+    found_lines: dict[str, list[int | None]] = {}
+
+    def line_of(key: str, k: int) -> int | None:
+        if key not in found_lines:
+            found_lines[key] = _array_lines(text, key)
+        lines = found_lines[key]
+        return lines[k] if k < len(lines) else None
 
     def report(kind: str, message: str, action: str, line: int | None = None) -> None:
         problems.append(Problem(rel, kind, message, action, line))
 
-    annotations = data.get("annotations", [])
     images: dict[Any, PendingImage | None] = {}  # COCO image id -> entry (None: a skipped duplicate)
     entry_of_id: dict[Any, int] = {}
     entry_of_image: dict[str, int] = {}
     for k, entry in enumerate(data["images"]):
         if not isinstance(entry, dict) or "id" not in entry or not isinstance(entry.get("file_name"), str):
-            report("malformed_annotation", f"images entry #{k} needs 'id' and 'file_name', got {entry!r}", "image skipped")
+            report("malformed_annotation", f"images entry #{k} needs 'id' and 'file_name', got {entry!r}", "image skipped",
+                   line_of("images", k))
             continue
         if entry["id"] in entry_of_id:
             report("duplicate_image_id", f"images entry #{k} repeats image id {entry['id']!r} "
-                   f"(first used by images entry #{entry_of_id[entry['id']]})", "second occurrence skipped")
+                   f"(first used by images entry #{entry_of_id[entry['id']]})", "second occurrence skipped", line_of("images", k))
             continue
         entry_of_id[entry["id"]] = k
         candidates = [folder / entry["file_name"] for folder in folders]
@@ -178,7 +229,8 @@ def _read_file(
             images[entry["id"]] = None
             count = sum(1 for a in annotations if isinstance(a, dict) and a.get("image_id") == entry["id"])
             report("duplicate_image_id", f"images entry #{k} ({entry['file_name']}) is the same image as images entry "
-                   f"#{entry_of_image[image_id]}; its {count} annotation(s) are not used", "second occurrence skipped")
+                   f"#{entry_of_image[image_id]}; its {count} annotation(s) are not used", "second occurrence skipped",
+                   line_of("images", k))
             continue
         entry_of_image[image_id] = k
         size = (entry.get("width"), entry.get("height"))
@@ -189,22 +241,22 @@ def _read_file(
     for k, ann in enumerate(annotations):
         where = f"annotation #{k}"
         if not isinstance(ann, dict) or "image_id" not in ann:
-            report("malformed_annotation", f"{where}: needs 'image_id', 'category_id' and 'bbox', got {ann!r}", "box dropped", k)
+            report("malformed_annotation", f"{where}: needs 'image_id', 'category_id' and 'bbox', got {ann!r}", "box dropped", line_of("annotations", k))
             continue
         if ann["image_id"] not in images:
-            report("malformed_annotation", f"{where}: refers to image id {ann['image_id']!r}, which is not in 'images'", "box dropped", k)
+            report("malformed_annotation", f"{where}: refers to image id {ann['image_id']!r}, which is not in 'images'", "box dropped", line_of("annotations", k))
             continue
         if images[ann["image_id"]] is None:
             continue  # its image was a duplicate; counted in that problem
         if ann.get("iscrowd", 0):
-            report("crowd_annotation", f"{where}: iscrowd=1 region (a group of objects, not one box)", "ignored", k)
+            report("crowd_annotation", f"{where}: iscrowd=1 region (a group of objects, not one box)", "ignored", line_of("annotations", k))
             continue
         box = _number_list(ann.get("bbox"), 4)
         if box is None:
-            report("malformed_annotation", f"{where}: 'bbox' must be 4 numbers [x, y, width, height], got {ann.get('bbox')!r}", "box dropped", k)
+            report("malformed_annotation", f"{where}: 'bbox' must be 4 numbers [x, y, width, height], got {ann.get('bbox')!r}", "box dropped", line_of("annotations", k))
             continue
         if cat_to_class.get(ann.get("category_id")) is None:
-            report("unknown_class", f"{where}: category id {ann.get('category_id')!r} is not in 'categories'", "box dropped", k)
+            report("unknown_class", f"{where}: category id {ann.get('category_id')!r} is not in 'categories'", "box dropped", line_of("annotations", k))
             continue
         x, y, w, h = box
         rows[ann["image_id"]].append(([x, y, x + w, y + h], cat_to_class[ann["category_id"]], bool(ann.get("difficult", 0)), k))
@@ -217,7 +269,7 @@ def _read_file(
         item.boxes = np.array([r[0] for r in found], dtype=np.float64).reshape(-1, 4)  # [M, 4] xyxy
         item.labels = np.array([r[1] for r in found], dtype=np.int64)
         item.difficult = np.array([r[2] for r in found], dtype=bool)
-        item.positions = [(r[3], f"annotation #{r[3]}") for r in found]
+        item.positions = [(line_of("annotations", r[3]), f"annotation #{r[3]}") for r in found]
         out.append(item)
     return out
 
@@ -237,13 +289,24 @@ def read_coco(path: Path, *, seed: int = 0, fractions: Sequence[float] = (0.8, 0
             f"point kdet at the folder holding them or at the JSON file itself"
         )
     problems: list[Problem] = []
-    loaded = [(f, split, data) for f, split in files if (data := _load(f, root, problems)) is not None]
+    loaded: list[tuple[Path, str | None, dict, str]] = []
+    unreadable: list[tuple[str | None, Problem]] = []  # split of each file that cannot be read, and why
+    for f, split in files:
+        parsed = _load(f, root, problems)
+        if parsed is None:
+            unreadable.append((split, problems[-1]))
+        else:
+            loaded.append((f, split, *parsed))
     if not loaded:
         raise DataError(f"{path}: none of the COCO JSON files could be read; see the problems: " +
-                        "; ".join(f"{p.file}:{p.line}: {p.message}" for p in problems))
+                        "; ".join(f"{p.file}{f', line {p.line}' if p.line else ''}: {p.message}" for p in problems))
+    # a split whose only file cannot be read is lost, and says why (kdet train names the cause)
+    read_splits = {split for _, split, _, _ in loaded}
+    lost_splits = {split: f"{problem.file}{f', line {problem.line}' if problem.line else ''} cannot be read: {problem.message}"
+                   for split, problem in unreadable if split is not None and split not in read_splits}
 
     # --- one class list for all files, matched by name -----------------------------------------
-    categories = {f: _categories(data, relative_name(f, root), problems) for f, _, data in loaded}
+    categories = {f: _categories(data, relative_name(f, root), problems) for f, _, data, _ in loaded}
     first = loaded[0][0]
     first_names = [c["name"] for c in categories[first]]
     for f, cats in categories.items():
@@ -253,7 +316,7 @@ def read_coco(path: Path, *, seed: int = 0, fractions: Sequence[float] = (0.8, 0
                 f"{[c['name'] for c in cats]}; every split file must name the same categories (fix or re-export them)"
             )
     used_names: set[str] = set()
-    for f, _, data in loaded:
+    for f, _, data, _ in loaded:
         by_id = {c["id"]: c["name"] for c in categories[f]}
         used_names.update(by_id[a["category_id"]] for a in data.get("annotations", [])
                           if isinstance(a, dict) and a.get("category_id") in by_id)
@@ -275,10 +338,10 @@ def read_coco(path: Path, *, seed: int = 0, fractions: Sequence[float] = (0.8, 0
     # --- images and their annotations ----------------------------------------------------------
     pending: dict[str, PendingImage] = {}
     split_ids: dict[str, list[str]] = {}
-    for f, split, data in loaded:
+    for f, split, data, text in loaded:
         rel = relative_name(f, root)
         cat_to_class = {c["id"]: class_ids.get(c["name"]) for c in categories[f]}
-        items = _read_file(data, rel, _image_folders(f, root), root, cat_to_class, problems)
+        items = _read_file(data, text, rel, _image_folders(f, root), root, cat_to_class, problems)
         for item in items:
             if item.image_id in pending:
                 problems.append(Problem(
@@ -292,5 +355,7 @@ def read_coco(path: Path, *, seed: int = 0, fractions: Sequence[float] = (0.8, 0
             split_ids.setdefault(split, []).extend(item.image_id for item in items)
 
     records = build_records(list(pending.values()), class_names, root, verify_images=verify_images, problems=problems)
+    split_sources = {split: relative_name(f, root) for f, split in reversed(files) if split is not None}
     return assemble_index(root, "coco", class_names, records, split_ids or None, problems,
-                          candidates=list(pending), seed=seed, fractions=fractions, class_source=class_source)
+                          candidates=list(pending), seed=seed, fractions=fractions, class_source=class_source,
+                          split_sources=split_sources, lost_splits=lost_splits)

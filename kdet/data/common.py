@@ -373,10 +373,15 @@ def assemble_index(
     seed: int,
     fractions: Sequence[float],
     class_source: str,
+    split_sources: dict[str, str] | None = None,
+    lost_splits: dict[str, str] | None = None,
 ) -> DatasetIndex:
     """The final :class:`DatasetIndex`: the dataset's own splits (``split_ids``) when it has
     them, else a seeded split; plus an ``unused_class`` problem for every class without a box
-    (``class_source`` is the file that defines the class list).
+    (``class_source`` is the file that defines the class list), and a ``split_lost`` problem for
+    every split the dataset names that has no usable image: those the reader already lost
+    (``lost_splits``: name -> why) and those whose every image was skipped.
+    ``split_sources`` names the file or folder that defines each split, for the problems.
 
     The seeded split is drawn over ``candidates``, the ids of every image the reader found,
     before skipped images are removed: an image that fails to open (say only when
@@ -388,6 +393,17 @@ def assemble_index(
         source = "seeded"
         split_ids = seeded_split(candidates, seed, fractions)
     splits = order_splits({name: [records[i] for i in ids if i in records] for name, ids in split_ids.items()})
+    lost = dict(lost_splits or {})
+    for name, ids in split_ids.items():
+        if not splits[name] and source == "dataset":
+            lost[name] = (f"none of its {len(ids)} image(s) could be used (see the image problems)" if ids
+                          else "it lists no image")
+    for name, why in lost.items():
+        splits.pop(name, None)
+        problems.append(Problem(
+            (split_sources or {}).get(name, "."), "split_lost", f"split {name!r} has no usable image: {why}",
+            "split left out",
+        ))
 
     counts = np.zeros(len(class_names), dtype=np.int64)
     for record in records.values():
@@ -398,4 +414,4 @@ def assemble_index(
             f"class {class_names[k]!r} (id {k}) has no boxes in any image",
             "kept in the class list",
         ))
-    return DatasetIndex(root, format, class_names, splits, problems, source)
+    return DatasetIndex(root, format, class_names, splits, problems, source, order_splits(lost))

@@ -390,5 +390,11 @@ def read_voc(root: Path, *, seed: int = 0, fractions: Sequence[float] = (0.8, 0.
             declared_size=item.declared_size,
         )
     records = build_records(list(pending.values()), class_names, root, verify_images=verify_images, problems=problems)
+    main = root / "ImageSets" / "Main"
+    if ann_dir is not None and main.is_dir():
+        split_sources = {split_name(f.stem): relative_name(f, root) for f in sorted(main.glob("*.txt"))}
+    else:
+        split_sources = {name: relative_name(folder, root) for name, folder, _ in _annotation_folders(root) if name}
     return assemble_index(root, "voc", class_names, records, split_ids, problems,
-                          candidates=list(pending), seed=seed, fractions=fractions, class_source=class_source)
+                          candidates=list(pending), seed=seed, fractions=fractions, class_source=class_source,
+                          split_sources=split_sources)

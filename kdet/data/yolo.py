@@ -373,5 +373,7 @@ def read_yolo(path: Path, *, seed: int = 0, fractions: Sequence[float] = (0.8, 0
         problems += _unlisted_split_folders(root, yaml_path, splits, {p.path for p in pending.values()})
 
     records = build_records(list(pending.values()), class_names, root, verify_images=verify_images, problems=problems)
+    split_sources = {name: class_source if yaml_path is not None else "images" for name in split_ids}
     return assemble_index(root, "yolo", class_names, records, split_ids or None, problems,
-                          candidates=list(pending), seed=seed, fractions=fractions, class_source=class_source)
+                          candidates=list(pending), seed=seed, fractions=fractions, class_source=class_source,
+                          split_sources=split_sources)

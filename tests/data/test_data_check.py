@@ -79,3 +79,59 @@ def test_bundled_bccd():
     assert [p.kind for p in index.problems] == ["zero_size_box", "zero_size_box"]
     summary = summarize(index)
     assert summary["classes"] == {"Platelets": 361, "RBC": 4153, "WBC": 372}  # 4155 RBC less the two zero-size
+
+
+def test_nothing_usable_left_exits_non_zero(tree, capsys):
+    from kdet.cli import main
+
+    tree.image("images/a.jpg")
+    tree.voc_xml("annotations/a.xml", [("cat", 1, 1, 5, 5)])
+    tree.truncated_jpeg("images/a.jpg")
+    tree.voc_xml("annotations/b.xml", [("cat", 1, 1, 5, 5)])  # its image does not exist
+
+    assert main(["data", "check", str(tree.root), "--json"]) == 1
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert summary["images"] == 0 and summary["errors"] and "no usable image" in captured.err
+
+
+def test_a_split_whose_images_are_all_skipped_is_lost(tree, capsys):
+    from kdet.cli import main
+
+    for stem in ("a", "b", "c"):
+        tree.image(f"JPEGImages/{stem}.jpg")
+        tree.voc_xml(f"Annotations/{stem}.xml", [("cat", 1, 1, 5, 5)])
+    tree.truncated_jpeg("JPEGImages/c.jpg")
+    tree.text("ImageSets/Main/train.txt", "a\nb\n")
+    tree.text("ImageSets/Main/val.txt", "c\n")
+
+    index = read_dataset(tree.root)
+
+    assert list(index.splits) == ["train"] and "none of its 1 image(s) could be used" in index.lost_splits["val"]
+    lost = next(p for p in index.problems if p.kind == "split_lost")
+    assert lost.file == "ImageSets/Main/val.txt"
+    assert main(["data", "check", str(tree.root)]) == 1
+    assert "split 'val' is lost" in capsys.readouterr().err
+    # a clean dataset exits 0
+    tree.image("JPEGImages/c.jpg")
+    assert main(["data", "check", str(tree.root)]) == 0
+
+
+def test_rare_class_is_warned_with_its_splits(tree):
+    for stem in ("a", "b", "c", "d"):
+        tree.image(f"JPEGImages/{stem}.jpg")
+    tree.voc_xml("Annotations/a.xml", [("cell", 1, 1, 5, 5), ("stray", 6, 6, 9, 9)])
+    tree.voc_xml("Annotations/b.xml", [("cell", 1, 1, 5, 5)])
+    tree.voc_xml("Annotations/c.xml", [("cell", 1, 1, 5, 5)])
+    tree.voc_xml("Annotations/d.xml", [("cell", 1, 1, 5, 5)])
+    tree.text("ImageSets/Main/train.txt", "a\nb\n")
+    tree.text("ImageSets/Main/val.txt", "c\n")
+    tree.text("ImageSets/Main/test.txt", "d\n")
+
+    summary = summarize(read_dataset(tree.root))
+
+    assert [(w["class"], w["boxes"], w["splits"]) for w in summary["warnings"]] == [("stray", 1, {"train": 1})]
+    message = summary["warnings"][0]["message"]
+    assert "too few to learn it or to score it" in message and "no box in the test split" in message
+    assert "warning: class 'stray' has 1 box(es) (train: 1)" in _render(summary)
+    assert summary["errors"] == []

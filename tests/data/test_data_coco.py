@@ -19,6 +19,13 @@ def _coco(images: list[tuple[int, str]], annotations: list[dict], categories=CAT
     }
 
 
+def _element_line(path, key: str, k: int) -> int:
+    """1-based line of the k-th element of the top-level array ``key`` in a file written with indent=1."""
+    lines = path.read_text().splitlines()
+    start = lines.index(f' "{key}": [')
+    return [i + 1 for i in range(start + 1, len(lines)) if lines[i] == "  {"][k]
+
+
 def test_single_json_xywh_to_xyxy_and_seeded_split(tree):
     for name in ("a.jpg", "b.jpg", "c.jpg"):
         tree.image(f"images/{name}")  # found through the images/ folder beside the json
@@ -112,27 +119,31 @@ def test_every_defect_is_reported(tree):
         {"image_id": 5, "category_id": 1, "bbox": [1, 1, 4, 4]},       # 8 on the missing image
         {"image_id": 6, "category_id": 1, "bbox": [1, 1, 4, 4]},       # 9 on the duplicate file
     ]
-    tree.json("train.json", _coco(images, annotations, size=(32, 24)))
+    train = tree.json("train.json", _coco(images, annotations, size=(32, 24)))
     tree.image("val/e.jpg", size=(16, 12))
     tree.json("val.json", _coco([(1, "val/e.jpg")], [{"image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4]}]))  # says 32x24
 
     index = read_dataset(tree.root)
 
+    def ann(k: int) -> int:  # the line annotation #k starts on
+        return _element_line(train, "annotations", k)
+
     assert kinds(index) == [
-        ("box_clipped", "train.json", 5),
-        ("box_outside", "train.json", 6),
-        ("crowd_annotation", "train.json", 1),
-        ("duplicate_image_id", "train.json", None),  # image id 2 twice
-        ("duplicate_image_id", "train.json", None),  # a.jpg twice
+        ("box_clipped", "train.json", ann(5)),
+        ("box_outside", "train.json", ann(6)),
+        ("crowd_annotation", "train.json", ann(1)),
+        ("duplicate_image_id", "train.json", _element_line(train, "images", 2)),  # image id 2 twice
+        ("duplicate_image_id", "train.json", _element_line(train, "images", 6)),  # a.jpg twice
         ("extension_mismatch", "d.jpg", None),
-        ("malformed_annotation", "train.json", 3),
-        ("malformed_annotation", "train.json", 4),
+        ("malformed_annotation", "train.json", ann(3)),
+        ("malformed_annotation", "train.json", ann(4)),
         ("size_mismatch", "val.json", None),
         ("truncated_image", "c.jpg", None),
-        ("unknown_class", "train.json", 2),
+        ("unknown_class", "train.json", ann(2)),
         ("unreadable_image", "missing.jpg", None),
-        ("zero_size_box", "train.json", 7),
+        ("zero_size_box", "train.json", ann(7)),
     ]
+    assert train.read_text().splitlines()[ann(5)].strip() == '"id": 5,'  # the line really holds annotation #5
     assert list(index.splits) == ["train", "val"]
     records = by_name(index)
     assert sorted(records) == ["a.jpg", "b.jpg", "d.jpg", "e.jpg"]
@@ -150,3 +161,36 @@ def test_broken_json_is_reported_with_its_line(tree):
     index = read_dataset(tree.root)
     assert kinds(index)[0] == ("malformed_annotation", "valid/_annotations.coco.json", 3)
     assert list(index.splits) == ["train"]
+
+
+def test_problems_on_a_one_line_file_name_the_annotation(tree):
+    import json
+
+    tree.image("a.jpg")
+    payload = _coco([(1, "a.jpg")], [{"image_id": 1, "category_id": 0, "bbox": [1, 1, 4, 4]}, {"image_id": 1, "category_id": 9, "bbox": [1, 1, 4, 4]}])
+    tree.text("labels.json", json.dumps(payload))  # Roboflow writes it all on one line
+    index = read_dataset(tree.root)
+    unknown = [p for p in index.problems if p.kind == "unknown_class"]
+    assert [(p.file, p.line) for p in unknown] == [("labels.json", None)]
+    assert unknown[0].message.startswith("annotation #1:")
+
+
+def test_truncated_split_file_loses_its_split_and_says_why(tree, capsys):
+    from kdet.cli import main
+
+    for split in ("train", "valid"):
+        tree.image(f"{split}/a.jpg")
+        tree.json(f"{split}/_annotations.coco.json", _coco([(0, "a.jpg")], [{"image_id": 0, "category_id": 0, "bbox": [1, 1, 4, 4]}]))
+    valid = tree.root / "valid" / "_annotations.coco.json"
+    valid.write_text(valid.read_text()[:60])  # cut short, as an interrupted download leaves it
+
+    index = read_dataset(tree.root)
+
+    assert list(index.splits) == ["train"] and list(index.lost_splits) == ["val"]
+    assert "valid/_annotations.coco.json, line" in index.lost_splits["val"] and "cannot be read" in index.lost_splits["val"]
+    lost = next(p for p in index.problems if p.kind == "split_lost")
+    assert lost.file == "valid/_annotations.coco.json" and "'val'" in lost.message
+    with pytest.raises(KeyError, match="split 'val' is lost: valid/_annotations.coco.json"):
+        index.split("val")
+    assert main(["data", "check", str(tree.root)]) == 1
+    assert "error: split 'val' is lost" in capsys.readouterr().err
