@@ -78,8 +78,14 @@ def _with_defaults(config: dict) -> dict:
         return config
 
 
-def _stat(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
+def _stat(values: list[float | None], undefined: str = "no ground truth to measure it") -> dict:
+    """Mean, sample sd and count over the defined values. A metric with no ground truth (a class
+    with no box in the split) is ``None``: left out, as COCO leaves it out of its means; when every
+    value is, ``{"mean": None, "sd": None, "n": 0, "undefined": undefined}``."""
+    defined = [v for v in values if v is not None]
+    if not defined:
+        return {"mean": None, "sd": None, "n": 0, "undefined": undefined}
+    return {"mean": statistics.fmean(defined), "sd": statistics.stdev(defined) if len(defined) > 1 else None, "n": len(defined)}
 
 
 def model_name(model: dict) -> str:
@@ -110,13 +116,18 @@ def _metrics_row(results_list: list[dict]) -> dict:
     coco = [r["metrics"]["coco"] for r in results_list]
     voc = [r["metrics"]["voc"] for r in results_list]
     profile = results_list[0]["profile"]
+    split = results_list[0].get("split", "test")
+
+    def per_class(name: str) -> dict:
+        return _stat([c["per_class"][name]["AP"] for c in coco], f"no box of {name} in the {split} split")
+
     return {
         "AP": _stat([c["AP"] for c in coco]),
         "AP50": _stat([c["AP50"] for c in coco]),
         "AP75": _stat([c["AP75"] for c in coco]),
         "VOC_mAP50": _stat([v["mAP50_all"] for v in voc]),
         "VOC_mAP50_11pt": _stat([v["mAP50_11pt"] for v in voc]),
-        "per_class_AP": {name: _stat([c["per_class"][name]["AP"] for c in coco]) for name in coco[0]["per_class"]},
+        "per_class_AP": {name: per_class(name) for name in coco[0]["per_class"]},
         "params": profile["params"],
         "flops": profile["flops"],
         "latency_ms": _stat([r["profile"]["latency_ms_median"] for r in results_list]),
@@ -155,7 +166,8 @@ def comparison_rows(runs: list[Run]) -> list[dict]:
         match = baselines.get(first.student_key())
         if match:
             base_row, by_seed = match
-            paired = [(r, by_seed[r.seed]) for r in members if r.seed in by_seed]
+            paired = [(r, by_seed[r.seed]) for r in members if r.seed in by_seed
+                      and r.results["metrics"]["coco"]["AP"] is not None and by_seed[r.seed].results["metrics"]["coco"]["AP"] is not None]
             if paired:
                 row["delta_AP_paired"] = _stat([r.results["metrics"]["coco"]["AP"] - b.results["metrics"]["coco"]["AP"] for r, b in paired])
                 row["paired_seeds"] = sorted(r.seed for r, _ in paired)
@@ -174,9 +186,12 @@ def _epoch_time(run: Run) -> float:
 
 
 def format_stat(stat: dict | None, digits: int = 3) -> str:
-    """``mean ± sd`` of a row's statistic (``mean`` alone for one seed), ``-`` for none."""
+    """``mean ± sd`` of a row's statistic (``mean`` alone for one seed), ``-`` for none,
+    ``undefined (why)`` for a metric with nothing to measure it on."""
     if not stat:
         return "-"
+    if stat["mean"] is None:
+        return f"undefined ({stat.get('undefined', 'no ground truth')})"
     text = f"{stat['mean']:.{digits}f}"
     return text + (f" ± {stat['sd']:.{digits}f}" if stat.get("sd") is not None else "")
 

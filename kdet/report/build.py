@@ -114,7 +114,8 @@ def _page(models: list[ReportModel], data: TestData, predictions: dict[str, list
     blocks.append(Heading("Per class"))
     blocks.append(Table(["class", *(m.label for m in models)],
                         [[name, *(format_stat(m.row["per_class_AP"].get(name)) for m in models)] for name in data.class_names],
-                        caption="Test AP@[.5:.95] per class; mean ± sd over seeds."))
+                        caption="Test AP@[.5:.95] per class; mean ± sd over seeds. A class with no box in the split has no AP "
+                                "(undefined) and, as in COCO, is left out of the mean AP."))
     blocks.append(Figure("per_class_ap.png", plots.per_class_ap(models, data.class_names, colors),
                          "Test AP@[.5:.95] per class; error bars: sd over seeds."))
 
@@ -213,7 +214,7 @@ def _latency_points(models: list[ReportModel], latencies: dict[str, Latency]) ->
     points = []
     for model in models:
         value = latencies[model.label].onnxruntime_ms if use_onnx else latencies[model.label].pytorch_ms
-        if value is not None:
+        if value is not None and model.row["AP"]["mean"] is not None:
             points.append((model.label, value, model.row["AP"]["mean"], model.row["AP"].get("sd")))
     if not points:
         return None
@@ -237,7 +238,7 @@ def _sample_models(models: list[ReportModel], predictions: dict) -> list[str]:
     :data:`MAX_SAMPLE_MODELS` columns."""
     ran = [m for m in models if m.label in predictions]
     fixed = [m for m in ran if m.role != "distilled"]
-    distilled = sorted((m for m in ran if m.role == "distilled"), key=lambda m: -m.row["AP"]["mean"])
+    distilled = sorted((m for m in ran if m.role == "distilled"), key=lambda m: -(m.row["AP"]["mean"] or 0.0))
     chosen = fixed[: MAX_SAMPLE_MODELS - min(len(distilled), 2)] + distilled
     chosen = chosen[:MAX_SAMPLE_MODELS]
     return [m.label for m in models if m in chosen]

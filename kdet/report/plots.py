@@ -140,7 +140,7 @@ def per_class_ap(models: list[ReportModel], class_names: list[str], colors: dict
     x = np.arange(len(class_names))
     for index, model in enumerate(models):
         stats = [model.row["per_class_AP"].get(name) for name in class_names]
-        means = [s["mean"] if s and s["mean"] is not None else 0.0 for s in stats]
+        means = [s["mean"] if s and s["mean"] is not None else np.nan for s in stats]  # undefined: no bar
         sds = [s["sd"] if s and s.get("sd") else 0.0 for s in stats]
         ax.bar(x + (index - (len(models) - 1) / 2) * width, means, width, yerr=sds if any(sds) else None, capsize=3,
                color=colors[model.label], label=model.label)
@@ -171,7 +171,10 @@ def pr_curves(curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray, float | 
         ax.set_xlabel("recall", fontsize=9)
         ax.set_ylabel("precision", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower left", title="VOC AP50", title_fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7, loc="lower left", title="VOC AP50", title_fontsize=7)
+        elif all(per_class[name][2] is None for per_class in curves.values()):
+            ax.text(0.5, 0.5, "no box of this class in the split:\nAP undefined", ha="center", va="center", fontsize=8)
         ax.tick_params(labelsize=8)
     figure.tight_layout()
     return png(figure)

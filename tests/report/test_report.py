@@ -244,3 +244,36 @@ def test_chromium_renders_the_figures(report, tmp_path):
     broken = (out / "index.html").read_text().replace("data:image/png;base64,", "data:image/png;base64,AAAA")
     (tmp_path / "broken.html").write_text(broken)
     assert red_pixels(screenshot(browser, tmp_path / "broken.html", tmp_path / "broken.png")) < 20
+
+
+def test_a_class_with_no_box_in_the_test_split_is_undefined_not_a_crash(runs, shapes_voc, tmp_path):
+    import xml.etree.ElementTree as ET
+
+    import yaml
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes_voc, data)
+    square_only = [xml.stem for xml in sorted((data / "Annotations").glob("*.xml"))
+                   if {o.findtext("name") for o in ET.parse(xml).getroot().iter("object")} == {"square"}]
+    assert square_only
+    (data / "ImageSets" / "Main" / "test.txt").write_text("".join(f"{stem}\n" for stem in square_only))  # no bar in it
+    copies = []
+    for run in runs[:4]:
+        copy = tmp_path / "runs" / run.name
+        shutil.copytree(run, copy)
+        config = yaml.safe_load((copy / "config.yaml").read_text())
+        config["data"]["path"] = str(data)
+        (copy / "config.yaml").write_text(yaml.safe_dump(config))
+        results = json.loads((copy / "results.json").read_text())
+        for scored in (results, results.get("teacher")):
+            if scored:  # what evaluating on that split gives: no AP for bar
+                scored["metrics"]["coco"]["per_class"]["bar"] = {"AP": None, "AP50": None}
+                scored["metrics"]["voc"]["per_class"]["bar"].update(AP50_11pt=None, AP50_all=None, num_gt=0)
+        (copy / "results.json").write_text(json.dumps(results))
+        copies.append(copy)
+
+    build_report(copies, tmp_path / "out", latency=False, samples=0, log=quiet)
+
+    classes = {row[0]: row[1:] for row in table_rows((tmp_path / "out" / "report.md").read_text(), "class")}
+    assert classes["bar"] == ["undefined (no box of bar in the test split)"] * 3
+    assert all(cell != "-" and not cell.startswith("undefined") for cell in classes["square"])
