@@ -174,11 +174,8 @@ def load_config(
         if not path.is_file():
             raise ConfigError(f"config file {path} not found")
         text = path.read_text()
-        try:
-            loaded = yaml.safe_load(text) or {}
-            lines = _key_lines(text)
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        loaded = read_yaml_config(path, text) or {}
+        lines = _key_lines(text)
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(loaded).__name__}")
         raw = _merge(raw, loaded)
@@ -197,7 +194,7 @@ def load_student_config(path: str | Path, overrides: list[str] | None = None) ->
     """A training config from ``path``; from a distillation config, its student alone (the
     teacher and the terms dropped): the baseline with the same data, schedule and seed.
     Returns ``(config, whether teacher/distill keys were dropped)``."""
-    loaded = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
+    loaded = read_yaml_config(Path(path)) if Path(path).is_file() else None
     if isinstance(loaded, dict) and ("teacher" in loaded or "distill" in loaded):
         config = load_config(path, overrides, schema=DistillConfig)
         return Config.model_validate(config.model_dump(exclude={"teacher", "distill"})), True
@@ -236,6 +233,11 @@ def _explain(error: ValidationError, source: str, lines: dict, overridden: set, 
 
 
 def _where(loc: tuple, source: str, lines: dict, overridden: set) -> str:
+    if loc not in lines:
+        # a key only --set wrote (``--set trian.epochs=3`` is about the unknown top-level 'trian')
+        written = sorted(o for o in overridden if o[: len(loc)] == loc)
+        if written:
+            return f"--set {'.'.join(written[0])}: "
     for n in range(len(loc), 0, -1):
         if loc[:n] in overridden:
             return "--set: "
@@ -266,6 +268,37 @@ def _model_type(annotation: Any) -> type[BaseModel] | None:
         if found is not None:
             return found
     return None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key written twice in one mapping (PyYAML keeps the
+    last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise _DuplicateKey(f"line {line}: key {key!r} is written twice in the same mapping (first on line "
+                                    f"{seen[key]}); YAML would keep only the last value. Remove one of them")
+            seen.setdefault(key, line)
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def read_yaml_config(path: Path, text: str | None = None) -> Any:
+    """The YAML document in ``path`` (``text``, when already read). Raises :class:`ConfigError`
+    naming the file and line when it is not valid YAML or writes a key twice in one mapping."""
+    try:
+        return yaml.load(path.read_text() if text is None else text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as error:
+        raise ConfigError(f"{path}, {error}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
 
 
 def _key_lines(text: str) -> dict[tuple, int]:

@@ -58,3 +58,31 @@ def test_not_yaml_and_missing_file(tmp_path):
         load_config(write(tmp_path, "data: [unclosed\n"))
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_unknown_top_level_key_from_set_blames_set(tmp_path):
+    path = write(tmp_path, "data:\n  path: x\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["trian.epochs=3"])
+    message = str(info.value)
+    assert "--set trian.epochs: unknown key 'trian'." in message and f"{path}:" not in message
+    assert "Did you mean 'train'?" in message
+
+
+def test_duplicate_key_is_an_error_with_both_lines(tmp_path):
+    path = write(tmp_path, "data:\n  path: x\ntrain:\n  epochs: 3\n  lr: 0.01\n  epochs: 30\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert f"{path}, line 6: key 'epochs' is written twice in the same mapping (first on line 4)" in str(info.value)
+    # the same key in two different mappings is fine
+    assert load_config(write(tmp_path, "data:\n  path: x\n  format: voc\neval:\n  batch_size: 2\ntrain:\n  batch_size: 4\n")).train.batch_size == 4
+
+
+def test_train_on_invalid_yaml_or_duplicate_key_is_one_clear_line(tmp_path, capsys):
+    from kdet.cli import main
+
+    for text, expected in (("data: [unclosed\n", "not valid YAML"), ("data:\n  path: x\ndata:\n  path: y\n", "written twice")):
+        path = write(tmp_path, text)
+        assert main(["train", str(path), "--out", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err
+        assert f"kdet train: error: {path}" in err and expected in err and "Traceback" not in err
