@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import torch
 
@@ -66,28 +67,76 @@ def half_precision(payload: dict) -> dict:
     return {**payload, "state_dict": state}
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a kdet detector checkpoint (a path or ``bundled:NAME``)."""
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def load_checkpoint(path: str | Path, *, log: Callable[[str], None] = _to_stderr) -> dict:
+    """Read a kdet detector checkpoint (a path or ``bundled:NAME``). A run directory stands for
+    its ``best.pt`` (``log`` says so); a run's ``last.pt`` (its training state) is refused with
+    the path of the ``best.pt`` to use instead."""
     path = resolve_bundled(path, BUNDLED_MODELS, "checkpoint")
+    if path.is_dir():
+        best = path / "best.pt"
+        if not best.is_file():
+            state = " (it holds last.pt: the run has not evaluated an epoch yet, or is still running)" if (path / "last.pt").is_file() else ""
+            raise FileNotFoundError(f"checkpoint {path} is a folder without best.pt{state}; give a detector checkpoint such as RUN_DIR/best.pt")
+        log(f"{path} is a run directory: using its best.pt ({best})")
+        path = best
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch raises several types for a damaged file
         raise ValueError(f"{path}: cannot be read as a checkpoint ({error}); is the file complete?") from None
+    if isinstance(payload, dict) and "run_state" in payload and "optimizer" in payload:
+        best = path.parent / "best.pt"
+        raise ValueError(f"{path}: this is a run's training state (what --resume reads), not a detector checkpoint; use "
+                         f"{best if best.is_file() else 'the best.pt beside it'} (or the run directory {path.parent})")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not a kdet detector checkpoint (expected format {FORMAT!r})")
     return payload
 
 
-def load_detector(path: str | Path, *, map_location: str | torch.device = "cpu") -> tuple[Detector, dict]:
+def describe_mismatch(missing: list[str], unexpected: list[str], reshaped: list[str], *, shown: int = 3) -> str:
+    """``"N missing (e.g. a, b), M unexpected (e.g. ...), K with another shape (e.g. ...)"``:
+    what a state dict lacks, has too many of, and has in other shapes, counted."""
+    parts = []
+    for items, what in ((missing, "missing"), (unexpected, "unexpected"), (reshaped, "with another shape")):
+        if items:
+            more = ", ..." if len(items) > shown else ""
+            parts.append(f"{len(items)} {what} (e.g. {', '.join(items[:shown])}{more})")
+    return ", ".join(parts)
+
+
+def compare_state(own: dict[str, torch.Tensor], given: dict[str, Any]) -> tuple[list[str], list[str], list[str]]:
+    """Keys of ``own`` (a module's state dict) that ``given`` lacks, keys of ``given`` that
+    ``own`` lacks, and shared keys whose shapes differ (``name [given shape] vs [own shape]``)."""
+    missing = [k for k in own if k not in given]
+    unexpected = [k for k in given if k not in own]
+    reshaped = [f"{k} {list(given[k].shape)} vs {list(own[k].shape)}" for k in own
+                if k in given and hasattr(given[k], "shape") and tuple(given[k].shape) != tuple(own[k].shape)]
+    return missing, unexpected, reshaped
+
+
+def load_detector(path: str | Path, *, map_location: str | torch.device = "cpu",
+                  log: Callable[[str], None] = _to_stderr) -> tuple[Detector, dict]:
     """Rebuild the detector saved in ``path`` and load its weights (fp16 checkpoints are cast
-    back to fp32). Returns ``(model in eval mode, payload)``."""
-    payload = load_checkpoint(path)
+    back to fp32). Returns ``(model in eval mode, payload)``. Raises ``ValueError`` naming the
+    missing, unexpected and reshaped tensors when the weights do not fit the model the
+    checkpoint's own config describes."""
+    payload = load_checkpoint(path, log=log)
     config = ModelConfig.model_validate(payload["model_config"])
     # weights come from this checkpoint, not from the files the config once named
     config = config.model_copy(update={"pretrained_backbone": None, "weights": None})
     model = build_model(config, payload["class_names"], payload["input_size"])
     state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+    missing, unexpected, reshaped = compare_state(model.state_dict(), state)
+    if missing or unexpected or reshaped:
+        raise ValueError(
+            f"{path}: its weights do not fit the model its own config describes ({config.family} {config.backbone}-"
+            f"{config.size}, {len(payload['class_names'])} classes): {describe_mismatch(missing, unexpected, reshaped)}. "
+            f"The file was edited or written by another kdet version; use the run's best.pt as kdet wrote it, or train again"
+        )
     model.load_state_dict(state)
     return model.to(map_location).eval(), payload
