@@ -203,10 +203,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model, payload = load_detector(args.checkpoint)
     images = _collect_images(args.inputs)
     out = Path(args.out)
-    results = predict_images(model, images, payload["input_size"], out, score_thresh=args.score_thresh, nms_iou=args.nms_iou)
+    results, skipped = predict_images(model, images, payload["input_size"], out, score_thresh=args.score_thresh, nms_iou=args.nms_iou)
     total = sum(len(r["detections"]) for r in results)
     _log(f"{len(results)} image(s), {total} detection(s) at score >= {args.score_thresh}: drawn in {out}, listed in {out / 'predictions.json'}")
-    return 0
+    for item in skipped:
+        print(f"kdet predict: skipped {item['image']}: {item['error']}", file=sys.stderr)
+    if skipped:
+        print(f"kdet predict: {len(skipped)} of {len(images)} image(s) skipped (listed above); the others were predicted",
+              file=sys.stderr)
+    return 0 if results else 1
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -363,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=cmd_eval)
 
-    predict = sub.add_parser("predict", help="draw a checkpoint's detections on images")
+    predict = sub.add_parser("predict", help="draw a checkpoint's detections on images (an image that cannot be read is "
+                             "skipped and named; exit code 1 when none could be)")
     predict.add_argument("checkpoint", help="a kdet checkpoint (best.pt), or bundled:bccd_teacher")
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     predict.add_argument("--out", required=True)
@@ -384,8 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a checkpoint as an ONNX model (boxes and per-class scores before NMS), checked against PyTorch")
     export.add_argument("checkpoint", help="a kdet checkpoint (best.pt), or bundled:bccd_teacher")
     export.add_argument("--format", default="onnx", choices=["onnx"], help="output format (default: onnx)")
-    export.add_argument("--out", help="output file (default: the checkpoint's name with .onnx, .fp16.onnx with --fp16; "
-                        "for bundled:NAME, NAME.onnx in the current directory)")
+    export.add_argument("--out", help="output file, or an existing folder to write the default name into (default: the "
+                        "checkpoint's name with .onnx, .fp16.onnx with --fp16; for bundled:NAME, NAME.onnx in the current directory)")
     export.add_argument("--dynamic-batch", action="store_true", help="make the batch dimension dynamic (default: a fixed batch of 1)")
     export.add_argument("--fp16", action="store_true", help="fp16 weights and arithmetic (half the file), converted with onnxruntime's float16 "
                         "converter; inputs and outputs stay fp32. ONNX Runtime runs it on the CPU, more slowly than fp32")

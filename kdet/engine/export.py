@@ -305,6 +305,8 @@ def export_onnx(
     if batch < 1:
         raise ValueError(f"batch must be at least 1, got {batch}")
     out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"{out} is a folder; give the ONNX file to write, e.g. {out / 'model.onnx'}")
     out.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     wrapper = ExportWrapper(model, input_size).eval()
@@ -443,15 +445,20 @@ def export_checkpoint(
     verify_count: int = 4,
 ) -> tuple[ExportReport, str]:
     """Export a kdet checkpoint (a path or ``bundled:NAME``) and verify it on ``verify_count``
-    images (see :func:`verification_images`). Returns the report and where the images came from."""
+    images (see :func:`verification_images`). ``out``: the file to write, or an existing folder
+    to write the default name into (:func:`default_output`). Returns the report and where the
+    images came from."""
     from .checkpoint import load_detector
 
     _check_opset(opset)
+    target = Path(out) if out is not None else default_output(checkpoint, fp16)
+    if target.is_dir():  # decided before the export runs, not when renaming onto the folder
+        target = target / default_output(checkpoint, fp16).name
     model, payload = load_detector(checkpoint)
     input_size = int(payload["input_size"])
     images, source = verification_images(model.class_names, input_size, verify_count)
     report = export_onnx(
-        model, input_size, out if out is not None else default_output(checkpoint, fp16),
+        model, input_size, target,
         dynamic_batch=dynamic_batch, fp16=fp16, opset=opset, source=str(checkpoint), verify_with=images,
     )
     return report, source

@@ -17,18 +17,22 @@ PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f
 @torch.no_grad()
 def predict_images(
     model: Detector, images: list[Path], input_size: int, out_dir: Path, *, score_thresh: float = 0.25, nms_iou: float = 0.6
-) -> list[dict]:
+) -> tuple[list[dict], list[dict]]:
     """Run ``model`` on each image, write the image with its boxes drawn into ``out_dir`` (same
-    name) and all detections, in original pixels, to ``out_dir/predictions.json``."""
+    name) and all detections, in original pixels, to ``out_dir/predictions.json``.
+
+    Returns ``(results, skipped)``: one result per image predicted, and ``{"image", "error"}``
+    for each image that could not be read (skipped; the others are still predicted)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
     device = next(model.parameters()).device
-    results = []
+    results, skipped = [], []
     for path in images:
         try:
             image = load_image(path)  # uint8 [3, H, W]
         except Exception as error:  # decoders raise several types
-            raise ValueError(f"{path}: cannot be read as an image ({error})") from None
+            skipped.append({"image": str(path), "error": f"cannot be read as an image ({error})"})
+            continue
         box = Letterbox.fit(image.shape[2], image.shape[1], input_size)
         batch = letterbox_image(image, box)[None].float().div(255).to(device)
         det = model(batch, decode=True, score_thresh=score_thresh, nms_iou=nms_iou).detections[0]
@@ -50,4 +54,4 @@ def predict_images(
             }
         )
     (out_dir / "predictions.json").write_text(json.dumps(results, indent=1))
-    return results
+    return results, skipped

@@ -94,7 +94,8 @@ def test_predict_and_report_draw_on_the_upright_image(tmp_path):
 
     path = _save_turned(tmp_path / "in" / "a.png", 5)
     model = build_model(ModelConfig(size="p", anchors="default"), ["square"], 64)
-    results = predict_images(model, [path], 64, tmp_path / "out", score_thresh=0.0)
+    results, skipped = predict_images(model, [path], 64, tmp_path / "out", score_thresh=0.0)
+    assert skipped == []
     assert (results[0]["width"], results[0]["height"]) == (UPRIGHT_W, UPRIGHT_H)
     with Image.open(tmp_path / "out" / "a.png") as drawn:
         assert drawn.size == (UPRIGHT_W, UPRIGHT_H)

@@ -262,3 +262,20 @@ def test_refusals_are_one_clear_line(models, tmp_path, capsys):
     broken.write_bytes(b"not onnx")
     assert main(["bench", str(broken), "--runs", "3"]) == 2
     assert "cannot be read as an ONNX model" in capsys.readouterr().err
+
+
+def test_out_naming_an_existing_folder(models, tmp_path, capsys, monkeypatch):
+    model, checkpoint = models["yolo"]
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    with pytest.raises(ValueError, match="is a folder; give the ONNX file to write"):
+        export_onnx(model, SIZE, folder)
+    # refused before any export work is done
+    monkeypatch.setattr(export_module, "ExportWrapper", lambda *a, **k: pytest.fail("exported before checking --out"))
+    with pytest.raises(ValueError, match="is a folder"):
+        export_onnx(model, SIZE, folder)
+    monkeypatch.undo()
+    # kdet export --out FOLDER writes the default name into it
+    assert main(["export", str(checkpoint), "--out", str(folder)]) == 0
+    assert f"wrote {folder / 'best.onnx'}" in capsys.readouterr().out
+    assert sorted(p.name for p in folder.iterdir()) == ["best.onnx"]
