@@ -117,14 +117,19 @@ class TeacherConfig(Strict):
 
 
 class TermConfig(Strict):
-    loss: str = Field(..., description="l2_logits, kl, objectness_scaled, fitnet")
-    weight: float = Field(1.0, ge=0)
+    loss: str = Field(..., description="a registered distillation loss (README: Distillation methods)")
+    weight: float | Literal["auto"] = Field(
+        1.0, description="the term's weight, or auto: set over the first steps so that the term's gradient on the "
+                         "student is distill.auto.fraction of the detection loss's"
+    )
     student: str = Field("head", description="'head', a feature name such as neck.p3, or 'neck'/'backbone' for every level")
     teacher: str | None = Field(None, description="teacher output to read; defaults to the same name as student")
     connector: Literal["auto", "conv", "converter", "none"] = Field(
         "auto", description="feature terms: 1x1 conv, or conv+BN+ReLU6 (FitNets converter); auto: the loss's choice"
     )
     resample: bool = Field(False, description="feature terms: resize the student map to the teacher's grid when strides differ")
+    mask: Literal["none", "gt"] = Field("none", description="feature terms: gt counts only locations inside the ground-truth "
+                                        "boxes (losses that support it)")
     enabled: bool = True
     args: dict[str, Any] = Field(default_factory=dict, description="the loss's own arguments")
 
@@ -137,6 +142,12 @@ class TeacherCacheConfig(Strict):
     dtype: Literal["fp16", "fp32"] = Field("fp16", description="storage precision of the cached teacher outputs")
 
 
+class AutoWeightConfig(Strict):
+    fraction: float = Field(0.1, gt=0, description="a term's gradient norm on the student, as a fraction of the detection "
+                            "loss's, that weight: auto aims at")
+    steps: int = Field(20, ge=1, description="training steps over which the gradient norms are measured and averaged")
+
+
 class DistillSettings(Strict):
     hard_weight: float = Field(1.0, ge=0, description="weight of the student's own detection loss on the labels")
     response: bool = Field(True, description="switch every response (head output) term on or off")
@@ -146,6 +157,9 @@ class DistillSettings(Strict):
         "constant", description="term weights over training: constant, or decaying (linear/cosine) to final_ratio at the last step"
     )
     final_ratio: float = Field(0.0, ge=0, le=1, description="term weight factor at the end of a decaying schedule")
+    stop_epoch: int | None = Field(None, ge=0, description="last epoch with distillation terms; later epochs train on the "
+                                   "labels alone (unset: every epoch)")
+    auto: AutoWeightConfig = Field(AutoWeightConfig(), description="how terms with weight: auto get their weight")
     cache: TeacherCacheConfig = Field(TeacherCacheConfig(), description="teacher outputs computed once per augmented view "
                                       "and read back, instead of a teacher pass on every batch (kdet.distill.cache)")
 

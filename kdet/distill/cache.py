@@ -133,13 +133,16 @@ def _tensor(output: DetectorOutput, group: str, name: str) -> Tensor:
 
 
 def needed_groups(report: PairingReport) -> list[str]:
-    """The groups the active terms of ``report`` read: ``head`` for response terms, one
-    ``feature.<teacher feature>`` per feature a feature term reads."""
+    """The groups the active terms of ``report`` read: ``head`` for response terms and terms
+    that read the teacher's quality, one ``feature.<teacher feature>`` per feature a feature term
+    reads."""
     groups = []
     for plan in report.terms:
         if not plan.active:
             continue
         names = ["head"] if plan.kind == "response" else [f"feature.{f.teacher}" for f in plan.features]
+        if "teacher_quality" in plan.context:
+            names.append("head")
         groups += [name for name in names if name not in groups]
     return groups
 

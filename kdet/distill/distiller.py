@@ -1,30 +1,33 @@
 """The distiller: a frozen teacher, the connectors, and the terms that tie them to the student.
 
-:class:`Distiller` computes, from one batch, the student's own detection loss and every active
-distillation term, and returns their weighted sum. The teacher runs in eval mode under
-``torch.no_grad``; it holds no trainable parameter, so gradients reach the student and the
-connectors only. With a teacher-output cache (:mod:`kdet.distill.cache`) the teacher does not
-run during training: its outputs on the batch's samples are read back instead. The trainer
-(:mod:`kdet.engine.trainer`) owns the loop, the optimiser and the checkpoints; it treats a
-distiller as a training objective.
+:class:`Distiller` is the training step of a distillation run: from one batch it computes the
+student's own detection loss and every active distillation term, and returns their weighted sum.
+The teacher runs in eval mode under ``torch.no_grad``; it holds no trainable parameter, so
+gradients reach the student, the connectors and the loss modules only. With a teacher-output
+cache (:mod:`kdet.distill.cache`) the teacher does not run during training: its outputs on the
+batch's samples are read back instead. The trainer (:mod:`kdet.engine.trainer`) owns the loop,
+the optimiser and the checkpoints.
 """
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import replace
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ConfigError, DistillConfig, ModelConfig, TeacherConfig
-from ..engine.trainer import Objective
+from ..config import AutoWeightConfig, ConfigError, DistillConfig, ModelConfig, TeacherConfig
+from ..engine.step import Batch, TrainStep
 from ..models import Detector, build_model
 from ..models.backbones import load_weights_file
 from ..structures import DetectorOutput, Targets
 from .cache import CachedTeacher
 from .losses import DISTILL_LOSSES
-from .pairing import FeaturePair, PairingReport, TermPlan, pair, pick_best_anchor, response_level
+from .pairing import FeaturePair, PairingReport, TermPlan, level_quality, pair, pick_best_anchor, response_level
 
 
 def converter(in_channels: int, out_channels: int) -> nn.Module:
@@ -73,20 +76,29 @@ def load_teacher(config: TeacherConfig, class_names: list[str], input_size: int)
     return teacher, trained_size
 
 
-class Distiller(Objective):
-    """Training objective of a distillation run: ``hard_weight * student loss + sum(weight * term)``.
+class Distiller(TrainStep):
+    """The training step of a distillation run:
+    ``hard_weight * student loss + factor * sum(weight * term)``.
 
-    Only :attr:`connectors` hold trainable parameters; :attr:`teacher` is frozen and stays in
-    eval mode whatever ``train()`` is called with. With ``cached`` the teacher's outputs come from
-    the cache, and the teacher is kept outside the module, so it is not moved to the training
-    device.
+    It owns what the run trains: the student, the connectors (student map -> teacher channels)
+    and the modules losses register (:attr:`loss_modules`: MGD's generator, FGD's global
+    blocks ...). The teacher is frozen and stays in eval mode whatever ``train()`` is called
+    with. With ``cached`` the teacher's outputs come from the cache, and the teacher is kept
+    outside the module, so it is not moved to the training device.
+
+    ``factor`` is the weight schedule (:meth:`weight_factor`); after ``stop_epoch`` the terms
+    and the teacher are skipped and the student trains on its labels alone. A term with
+    ``weight: auto`` gets the weight that makes its gradient on the student's parameters
+    ``auto.fraction`` of the detection loss's, averaged over the first ``auto.steps`` steps
+    (:meth:`term_weight`); the chosen weights are saved with the run and reused on resume.
     """
 
     def __init__(
-        self, teacher: Detector, report: PairingReport, hard_weight: float = 1.0, *, schedule: str = "constant",
-        final_ratio: float = 0.0, cached: CachedTeacher | None = None,
+        self, student: Detector, teacher: Detector, report: PairingReport, hard_weight: float = 1.0, *, schedule: str = "constant",
+        final_ratio: float = 0.0, cached: CachedTeacher | None = None, stop_epoch: int | None = None,
+        auto: AutoWeightConfig | None = None, log: Callable[[str], None] | None = None, auto_weights_file: Path | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(student)
         report.raise_errors()
         if cached is None:
             self.teacher = teacher.eval().requires_grad_(False)
@@ -98,14 +110,31 @@ class Distiller(Objective):
         self.hard_weight = hard_weight
         self.schedule = schedule
         self.final_ratio = final_ratio
+        self.stop_epoch = stop_epoch
+        self.auto = auto or AutoWeightConfig()
+        self.log = log or (lambda _: None)
+        self.auto_weights_file = auto_weights_file
         self.progress = 0.0
         self.plans = [plan for plan in report.terms if plan.active]
         self.connectors = nn.ModuleDict()
+        self.loss_modules = nn.ModuleDict()
         for plan in self.plans:
+            loss = DISTILL_LOSSES.get(plan.config.loss)
             for feature in plan.features:
-                self.connectors[self.connector_key(plan, feature)] = build_connector(
-                    feature.connector, feature.student_shape[0], feature.teacher_shape[0]
-                )
+                if feature.connector != "loss":
+                    self.connectors[self.connector_key(plan, feature)] = build_connector(
+                        feature.connector, feature.student_shape[0], feature.teacher_shape[0]
+                    )
+            if loss.module is not None:
+                channels = [(f.teacher_shape[0] if f.connector != "loss" else f.student_shape[0], f.teacher_shape[0])
+                            for f in plan.features]
+                if plan.levels == "all":
+                    self.loss_modules[f"term{plan.index}"] = loss.module([c[0] for c in channels], [c[1] for c in channels])
+                else:
+                    for feature, (s_ch, t_ch) in zip(plan.features, channels):
+                        self.loss_modules[self.connector_key(plan, feature)] = loss.module(s_ch, t_ch)
+        # weight: auto -> [sum of measured weights, steps measured]; fixed once steps reach auto.steps
+        self.auto_state = {plan.index: [0.0, 0] for plan in self.plans if plan.config.weight == "auto"}
         same = report.student_classes == list(range(len(report.student.class_names)))
         self._student_classes = None if same else report.student_classes
         self._teacher_classes = None if report.teacher_classes == list(range(len(report.teacher.class_names))) else report.teacher_classes
@@ -114,14 +143,21 @@ class Distiller(Objective):
     def connector_key(plan: TermPlan, feature: FeaturePair) -> str:
         return f"term{plan.index}_{feature.student.replace('.', '_')}"
 
-    def set_progress(self, fraction: float) -> None:
-        self.progress = fraction
+    # hooks ---------------------------------------------------------------------------------
+    def before_epoch(self, trainer) -> None:
+        self.epoch = trainer.epoch
+
+    def before_step(self, trainer) -> None:
+        self.progress = trainer.progress
+
+    def after_epoch(self, trainer) -> None:
+        if self.auto_state and self.auto_weights_file is not None:
+            record = {**self.auto_weights(), "steps_measured": {f"distill.terms.{i}": n for i, (_, n) in self.auto_state.items()},
+                      "fraction": self.auto.fraction}
+            self.auto_weights_file.write_text(json.dumps(record, indent=1))
 
     def data_epoch(self, epoch: int) -> int:
         return self.cached.data_epoch(epoch) if self.cached is not None else epoch
-
-    def start_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def weight_factor(self) -> float:
         """Factor on every term's weight at the current point of training: 1 for a constant
@@ -135,33 +171,77 @@ class Distiller(Objective):
             decay = 0.5 * (1.0 + math.cos(math.pi * self.progress))
         return self.final_ratio + (1.0 - self.final_ratio) * decay
 
+    @property
+    def distilling(self) -> bool:
+        """Whether the terms apply in the current epoch (``stop_epoch``)."""
+        return bool(self.plans) and (self.stop_epoch is None or self.epoch <= self.stop_epoch)
+
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)
         self.teacher.eval()
         return self
 
+    # saved state ---------------------------------------------------------------------------
     def state_dict_to_save(self) -> dict:
-        """The connectors' weights (the teacher is a fixed input of the run, never saved with it)."""
-        return self.connectors.state_dict()
+        """The connectors' weights under their own keys, the loss modules' under
+        ``loss_modules.``, the auto weights under ``auto_weight.`` (the teacher is a fixed input
+        of the run, never saved with it)."""
+        state = dict(self.connectors.state_dict())
+        state.update({f"loss_modules.{k}": v for k, v in self.loss_modules.state_dict().items()})
+        state.update({f"auto_weight.{i}": torch.tensor(v, dtype=torch.float64) for i, v in self.auto_state.items()})
+        return state
 
     def load_saved_state(self, state: dict) -> None:
-        self.connectors.load_state_dict(state)
+        connectors = {k: v for k, v in state.items() if not k.startswith(("loss_modules.", "auto_weight."))}
+        self.connectors.load_state_dict(connectors)
+        self.loss_modules.load_state_dict({k.removeprefix("loss_modules."): v for k, v in state.items() if k.startswith("loss_modules.")})
+        for key, value in state.items():
+            if key.startswith("auto_weight."):
+                total, steps = value.tolist()
+                self.auto_state[int(key.removeprefix("auto_weight."))] = [total, int(steps)]
 
-    def forward(
-        self, student: Detector, images: Tensor, targets: Targets, indices: list[int] | None = None
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        out = student(images, targets)
-        teacher_out = self.teacher_outputs(images, indices)
+    def auto_weights(self) -> dict[str, float]:
+        """The weight each ``weight: auto`` term has now, by term key."""
+        return {f"distill.terms.{i}": total / max(steps, 1) for i, (total, steps) in self.auto_state.items()}
+
+    # the step ------------------------------------------------------------------------------
+    def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        if not bool(batch.labelled.all()):
+            raise ValueError("Distiller: every image of the batch must be labelled")
+        out = self.student(batch.images, batch.targets)
         losses = {f"det_{k}": v.detach() for k, v in out.losses.items()}
         total = self.hard_weight * out.loss
+        if not self.distilling:
+            return total, losses
+        teacher_out = self.teacher_outputs(batch.images, batch.indices)
+        context = BatchContext(batch, out, teacher_out, self)
         factor = self.weight_factor()
         for plan in self.plans:
-            value = self.term(plan, out, teacher_out)
+            value = self.term(plan, out, teacher_out, context)
             losses[f"kd{plan.index}_{plan.config.loss}"] = value.detach()
-            total = total + factor * plan.config.weight * value
+            total = total + factor * self.term_weight(plan, value, out.loss) * value
         if self.schedule != "constant":
             losses["kd_weight_factor"] = torch.tensor(factor)
         return total, losses
+
+    def term_weight(self, plan: TermPlan, value: Tensor, detection_loss: Tensor) -> float:
+        """A term's weight: its configured number, or for ``weight: auto`` the running mean of
+        ``fraction * |grad detection loss| / |grad term|`` over the student's parameters during
+        the first ``auto.steps`` steps, then that mean."""
+        if plan.config.weight != "auto":
+            return plan.config.weight
+        state = self.auto_state[plan.index]
+        if state[1] < self.auto.steps and value.requires_grad:
+            params = [p for p in self.student.parameters() if p.requires_grad]
+            detection = _grad_norm(detection_loss, params)
+            term = _grad_norm(value, params)
+            if term > 0 and detection > 0:
+                state[0] += self.auto.fraction * detection / term
+                state[1] += 1
+                if state[1] == self.auto.steps:
+                    self.log(f"distill.terms.{plan.index} ({plan.config.loss}): weight auto -> {state[0] / state[1]:.4g} "
+                             f"(its gradient {self.auto.fraction:g} of the detection loss's, over {state[1]} steps)")
+        return state[0] / state[1] if state[1] else 0.0
 
     def teacher_outputs(self, images: Tensor, indices: list[int] | None) -> DetectorOutput:
         """The teacher's outputs on ``images``: a forward pass, or with the cache the stored
@@ -173,7 +253,7 @@ class Distiller(Objective):
             raise ValueError("Distiller: with the teacher cache, pass the training-set indices of the batch's images")
         return self.cached.outputs(indices, self.epoch, images.device)
 
-    def term(self, plan: TermPlan, student: DetectorOutput, teacher: DetectorOutput) -> Tensor:
+    def term(self, plan: TermPlan, student: DetectorOutput, teacher: DetectorOutput, context: "BatchContext") -> Tensor:
         """The unweighted value of one term on one batch."""
         loss = DISTILL_LOSSES.get(plan.config.loss)
         if plan.kind == "response":
@@ -185,15 +265,135 @@ class Distiller(Objective):
                     t_level = pick_best_anchor(t_level, s_level.cls_logits.shape[1])
                 s_levels.append(s_level)
                 t_levels.append(t_level)
-            return loss.fn(s_levels, t_levels, **plan.config.args)
-        values = []
+            strides = [student.head[s].stride for s, _ in plan.level_pairs]
+            extra = context.for_response(plan, loss.context, strides, [s for s, _ in plan.level_pairs])
+            return loss.fn(s_levels, t_levels, **extra, **plan.config.args)
+        pairs = []
         for feature in plan.features:
-            mapped = self.connectors[self.connector_key(plan, feature)](student.features[feature.student].tensor)
+            s_map = student.features[feature.student].tensor
             target = teacher.features[feature.teacher].tensor
-            if mapped.shape[-2:] != target.shape[-2:]:
-                mapped = F.interpolate(mapped, size=target.shape[-2:], mode="bilinear", align_corners=False)
-            values.append(loss.fn(mapped, target, **plan.config.args))
+            if feature.connector != "loss":
+                s_map = self.connectors[self.connector_key(plan, feature)](s_map)
+                if s_map.shape[-2:] != target.shape[-2:]:
+                    s_map = F.interpolate(s_map, size=target.shape[-2:], mode="bilinear", align_corners=False)
+            pairs.append((feature, s_map, target))
+        if plan.levels == "all":
+            extra = context.for_features(plan, loss.context, [f for f, _, _ in pairs], [t for _, _, t in pairs])
+            if "module" in loss.context:
+                extra["module"] = self.loss_modules[f"term{plan.index}"]
+            return loss.fn([s for _, s, _ in pairs], [t for _, _, t in pairs], **extra, **plan.config.args)
+        values = []
+        for feature, s_map, target in pairs:
+            extra = {k: v[0] if k in PER_PAIR else v for k, v in context.for_features(plan, loss.context, [feature], [target]).items()}
+            if "module" in loss.context:
+                extra["module"] = self.loss_modules[self.connector_key(plan, feature)]
+            values.append(loss.fn(s_map, target, **extra, **plan.config.args))
         return torch.stack(values).mean()
+
+
+PER_PAIR = ("stride", "strides", "mask", "teacher_quality", "assignment")
+"""Context names whose value differs between the pairs of a feature term."""
+
+
+class BatchContext:
+    """What losses may ask for besides the two models' maps (:data:`~kdet.distill.losses.CONTEXT`),
+    computed for one batch on first request."""
+
+    def __init__(self, batch: Batch, student_out: DetectorOutput, teacher_out: DetectorOutput, distiller: Distiller) -> None:
+        self.batch, self.student_out, self.teacher_out, self.distiller = batch, student_out, teacher_out, distiller
+        self._assignment: list[Tensor] | None = None
+
+    def common(self, name: str):
+        batch = self.batch
+        if name == "gt_boxes":
+            return [t["boxes"] for t in batch.targets]
+        if name == "gt_labels":
+            return [t["labels"] for t in batch.targets]
+        if name == "input_size":
+            return tuple(batch.images.shape[-2:])
+        if name == "labelled":
+            return batch.labelled
+        raise KeyError(name)
+
+    def assignment(self) -> list[Tensor]:
+        """The student's own assignment per head level, ``[N, A, H, W]``."""
+        if self._assignment is None:
+            with torch.no_grad():
+                self._assignment = self.distiller.student.assign(self.student_out.head, self.batch.targets)
+        return self._assignment
+
+    def for_response(self, plan: TermPlan, names: list[str], strides: list[int], levels: list[int]) -> dict:
+        out = {}
+        for name in names:
+            if name == "strides":
+                out[name] = strides
+            elif name == "assignment":
+                out[name] = [self.assignment()[i] for i in levels]
+            else:
+                out[name] = self.common(name)
+        return out
+
+    def for_features(self, plan: TermPlan, names: list[str], features: list[FeaturePair], targets: list[Tensor]) -> dict:
+        """Context for feature pairs: what differs between pairs (:data:`PER_PAIR`) as lists with
+        one entry per pair, what is the same for the batch (ground truth, input size) as it is."""
+        out = {}
+        strides = [f.stride[1] for f in features]  # the maps are compared on the teacher's grid
+        grids = [tuple(t.shape[-2:]) for t in targets]
+        for name in names:
+            if name in ("stride", "strides"):
+                out[name] = strides
+            elif name == "mask":
+                out[name] = [box_mask(self.batch.targets, s, g) if plan.config.mask == "gt" else None for s, g in zip(strides, grids)]
+            elif name == "teacher_quality":
+                out[name] = [self.teacher_quality(s, g) for s, g in zip(strides, grids)]
+            elif name == "assignment":
+                out[name] = [self.assignment_at(f.stride[0], g) for f, g in zip(features, grids)]
+            elif name != "module":
+                out[name] = self.common(name)
+        return out
+
+    def teacher_quality(self, stride: int, grid: tuple[int, int]) -> Tensor:
+        """``[N, 1, H, W]``: the teacher's quality at its head level of ``stride`` (best anchor,
+        shared classes only), resized to ``grid`` if the level's grid differs."""
+        level = next((lv for lv in self.teacher_out.head if lv.stride == stride), None)
+        if level is None:
+            raise ValueError(f"the teacher has no head level of stride {stride}")
+        quality = level_quality(replace(level, cls_logits=level.cls_logits[:, :, self.distiller._teacher_classes])
+                                if self.distiller._teacher_classes is not None else level)  # [N, A, 1, H, W]
+        quality = quality.amax(1)  # [N, 1, H, W]
+        if tuple(quality.shape[-2:]) != grid:
+            quality = F.interpolate(quality, size=grid, mode="bilinear", align_corners=False)
+        return quality
+
+    def assignment_at(self, stride: int, grid: tuple[int, int]) -> Tensor:
+        """``[N, H, W]``: the student's assignment at its head level of ``stride`` (any anchor)."""
+        level = next((i for i, lv in enumerate(self.student_out.head) if lv.stride == stride), None)
+        if level is None:
+            raise ValueError(f"the student has no head level of stride {stride}")
+        owner = self.assignment()[level].amax(1)  # [N, H, W]
+        if tuple(owner.shape[-2:]) != grid:
+            owner = F.interpolate(owner[:, None].float(), size=grid, mode="nearest")[:, 0].long()
+        return owner
+
+
+def box_mask(targets: Targets, stride: int, grid: tuple[int, int]) -> Tensor:
+    """``[N, 1, H, W]`` float: 1 on every cell of a ``grid`` at ``stride`` that a ground-truth box
+    overlaps (at least the cell holding its centre), 0 elsewhere."""
+    height, width = grid
+    device = targets[0]["boxes"].device if targets else torch.device("cpu")
+    mask = torch.zeros(len(targets), 1, height, width, device=device)
+    for i, target in enumerate(targets):
+        for x1, y1, x2, y2 in (target["boxes"].reshape(-1, 4) / stride).tolist():
+            c1, r1 = max(0, min(width - 1, int(math.floor(x1)))), max(0, min(height - 1, int(math.floor(y1))))
+            c2, r2 = max(c1 + 1, min(width, int(math.ceil(x2)))), max(r1 + 1, min(height, int(math.ceil(y2))))
+            mask[i, 0, r1:r2, c1:c2] = 1.0
+    return mask
+
+
+def _grad_norm(value: Tensor, params: list[nn.Parameter]) -> float:
+    grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+    squares = [g.detach().float().square().sum() for g in grads if g is not None]
+    return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
 
 
 def check_pairing(config: DistillConfig, student: Detector, class_names: list[str], log: Callable[[str], None] | None = None,
@@ -205,4 +405,4 @@ def check_pairing(config: DistillConfig, student: Detector, class_names: list[st
     return model, report
 
 
-__all__ = ["Distiller", "build_connector", "check_pairing", "converter", "load_teacher"]
+__all__ = ["BatchContext", "Distiller", "box_mask", "build_connector", "check_pairing", "converter", "load_teacher"]

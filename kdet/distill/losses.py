@@ -6,19 +6,47 @@ connectors and weights. Two kinds exist:
 
 * response losses read head outputs, a list of :class:`ResponseLevel` per model, one per paired
   pyramid level, with the same number of anchors, classes and grid on both sides;
-* feature losses read one student feature map (already through its connector) and the teacher's
-  map of the same shape, ``[N, C, H, W]``.
+* feature losses read student feature maps (already through their connector) and the teacher's
+  maps of the same shape, ``[N, C, H, W]``: one pair per call (``levels="each"``; the
+  distiller averages the pairs), or every paired level at once as two lists
+  (``levels="all"``, for terms that span the pyramid).
+
+Context
+  Besides the two models' outputs a loss may need to know where the objects are, the stride of
+  a map, or own a trainable part. It says so by naming keyword-only parameters from
+  :data:`CONTEXT`; the distiller fills them on every call, and the pairing check refuses a pair
+  that cannot give them. Every other keyword-only parameter is one of the loss's own
+  arguments (``args:`` in a term's config).
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..registry import Registry
+
+
+CONTEXT: dict[str, str] = {
+    "gt_boxes": "ground-truth boxes per image, float [M, 4] xyxy input pixels (M may be 0)",
+    "gt_labels": "ground-truth classes per image, int64 [M], in the student's class list",
+    "stride": "stride in input pixels of the pair's maps (levels='each')",
+    "strides": "stride of every paired map or level, in the order of the lists",
+    "input_size": "(H, W) of the input images",
+    "assignment": "the student detector's own assignment: per paired map int64 [N, H, W] (a list for "
+                  "levels='all' and response losses, [N, A, H, W] per level), index of the object of that image a "
+                  "location is a positive for, -1 for background",
+    "labelled": "bool [N], whether each image has labels",
+    "module": "the trainable module the loss registered (for levels='each' one per pair)",
+    "teacher_quality": "[N, 1, H, W] in [0, 1] at the pair's grid: the teacher's best class score (times its "
+                       "objectness or centerness), a list for levels='all'",
+    "mask": "[N, 1, H, W] float, 1 inside the ground-truth boxes (term mask: gt), None otherwise (a list for levels='all')",
+}
+"""Context a loss can ask for by naming a keyword-only parameter, and what it receives."""
 
 
 @dataclass
@@ -31,6 +59,8 @@ class ResponseLevel:
     ``[N, A, 1, H, W]`` objectness or centerness logits, ``None`` when the head has none;
     ``quality`` ``[N, A, 1, H, W]`` in ``[0, 1]``: how likely a good detection sits at a
     location (objectness for YOLO heads, centerness x best class probability for FCOS).
+    ``box_dist`` ``[N, A, 4, R, H, W]``: logits of each box edge's distribution over ``R`` bins
+    (heads with a distribution box branch, DFL), else ``None``.
     """
 
     cls_logits: Tensor
@@ -38,17 +68,43 @@ class ResponseLevel:
     score: Tensor | None
     quality: Tensor
     box_space: str = "raw"  # "raw" head outputs, or "ltrb" distances in strides
+    box_dist: Tensor | None = None
 
 
 @dataclass(frozen=True)
 class DistillLoss:
     """A registered loss: its function, what it reads (``response`` or ``feature``) and, for
-    feature losses, the connector it uses when the config says ``auto``."""
+    feature losses, the connector it uses when the config says ``auto`` (``None``: the loss
+    compares maps of any channel count and grid itself, no connector is built), whether it takes
+    one pair at a time or every level at once (``levels``), and ``module``: a builder of the
+    trainable part it owns, called with the student's and the teacher's channel counts (after the
+    connector; lists for ``levels="all"``)."""
 
     fn: Callable[..., Tensor]
     kind: str
-    connector: str = "conv"
+    connector: str | None = "conv"
     box_space: str = "auto"  # response losses: "raw" maps only, or "auto": raw when the heads agree, else decoded
+    levels: str = "each"
+    module: Callable[..., nn.Module] | None = None
+
+    @property
+    def context(self) -> list[str]:
+        """The context names the loss asks for."""
+        return [name for name in keyword_names(self.fn) if name in CONTEXT]
+
+    @property
+    def supports_mask(self) -> bool:
+        """Whether the term may set ``mask: gt``."""
+        return "mask" in self.context
+
+    @property
+    def arguments(self) -> list[str]:
+        """The loss's own arguments (``args:`` of a term)."""
+        return [name for name in keyword_names(self.fn) if name not in CONTEXT]
+
+
+def keyword_names(fn: Callable) -> list[str]:
+    return [name for name, p in inspect.signature(fn).parameters.items() if p.kind == p.KEYWORD_ONLY]
 
 
 DISTILL_LOSSES: Registry[DistillLoss] = Registry("distillation loss")
@@ -56,7 +112,12 @@ DISTILL_LOSSES: Registry[DistillLoss] = Registry("distillation loss")
 
 def register(name: str, kind: str, **options) -> Callable:
     def add(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        DISTILL_LOSSES.register(name)(DistillLoss(fn, kind, **options))
+        entry = DistillLoss(fn, kind, **options)
+        if entry.levels not in ("each", "all"):
+            raise ValueError(f"{name}: levels must be 'each' or 'all', got {entry.levels!r}")
+        if ("module" in entry.context) != (entry.module is not None):
+            raise ValueError(f"{name}: a loss asks for its module (a 'module' parameter) exactly when it registers a builder")
+        DISTILL_LOSSES.register(name)(entry)
         return fn
 
     return add
@@ -199,7 +260,8 @@ def _box_scale(ltrb: Tensor) -> Tensor:
 # Feature-based
 # ---------------------------------------------------------------------------------------------
 @register("fitnet", "feature", connector="converter")
-def fitnet(student: Tensor, teacher: Tensor, *, teacher_activation: str = "relu6", normalize: bool = False) -> Tensor:
+def fitnet(student: Tensor, teacher: Tensor, *, teacher_activation: str = "relu6", normalize: bool = False,
+           mask: Tensor | None = None) -> Tensor:
     """FitNets hint loss: mean squared error between the student's feature map (through its
     connector) and the teacher's.
 
@@ -207,8 +269,12 @@ def fitnet(student: Tensor, teacher: Tensor, *, teacher_activation: str = "relu6
     the converter (conv + BN + ReLU6) on the student side; ``"none"`` leaves it as is.
     ``normalize=True`` divides both maps by their L2 norm over channels at every location first,
     which makes the loss insensitive to the two models' feature scales.
+    With ``mask`` (``[N, 1, H, W]``, a term's ``mask: gt``) only the masked locations count: the
+    mean is taken over them, as fine-grained feature imitation does near the objects.
 
-    Reference: Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015 (arXiv:1412.6550).
+    Reference: Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015 (arXiv:1412.6550);
+    with ``mask``: Wang et al., "Distilling Object Detectors with Fine-grained Feature
+    Imitation", CVPR 2019.
     """
     if student.shape != teacher.shape:
         raise ValueError(f"fitnet: student map {tuple(student.shape)} and teacher map {tuple(teacher.shape)} differ; "
@@ -219,4 +285,11 @@ def fitnet(student: Tensor, teacher: Tensor, *, teacher_activation: str = "relu6
         raise ValueError(f"fitnet: teacher_activation must be 'relu6' or 'none', got {teacher_activation!r}")
     if normalize:
         student, teacher = F.normalize(student, dim=1), F.normalize(teacher, dim=1)
-    return F.mse_loss(student, teacher)
+    if mask is None:
+        return F.mse_loss(student, teacher)
+    squared = (student - teacher).square().mean(1, keepdim=True)  # [N, 1, H, W]
+    return (squared * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+# the other families register themselves on import
+from . import feature_losses  # noqa: E402,F401

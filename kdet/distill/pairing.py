@@ -20,7 +20,14 @@ from ..config import ConfigError, DistillSettings, TermConfig
 from ..losses.yolo import decode_cell_boxes
 from ..models import ModelSpec
 from ..structures import HeadLevel
-from .losses import DISTILL_LOSSES, ResponseLevel
+from .losses import CONTEXT, DISTILL_LOSSES, DistillLoss, ResponseLevel
+
+
+CONTEXT_WORDS = {
+    "gt_boxes": "the ground-truth boxes", "gt_labels": "the ground-truth classes", "stride": "the stride",
+    "strides": "the strides", "input_size": "the input size", "assignment": "the student's target assignment",
+    "labelled": "which images are labelled", "teacher_quality": "the teacher's scores", "mask": "the ground-truth mask",
+}
 
 
 class PairingError(ConfigError):
@@ -34,7 +41,7 @@ class FeaturePair:
     student_shape: tuple[int, int, int]  # channels, H, W
     teacher_shape: tuple[int, int, int]
     stride: tuple[int, int]  # student, teacher
-    connector: str  # "conv" | "converter" | "none"
+    connector: str  # "conv" | "converter" | "none" | "loss" (the loss compares the maps as they are)
     resample: bool
 
 
@@ -51,6 +58,8 @@ class TermPlan:
     pick_teacher_anchor: bool = False  # response: teacher anchors differ: use its best anchor per location
     features: list[FeaturePair] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    levels: str = "each"  # feature terms: one loss call per pair ("each") or one over every pair ("all")
+    context: list[str] = field(default_factory=list)  # what the loss reads besides the two models' maps
 
     @property
     def key(self) -> str:
@@ -106,13 +115,33 @@ def pair(teacher: ModelSpec, student: ModelSpec, settings: DistillSettings, *, t
         except KeyError as error:
             report.errors.append(f"distill.terms.{index}.loss: {error.args[0]}")
             continue
-        _check_args(report, index, term, loss.fn)
+        _check_args(report, index, term, loss)
         active = term.enabled and (settings.response if loss.kind == "response" else settings.features)
-        plan = TermPlan(index, term, loss.kind, active)
+        plan = TermPlan(index, term, loss.kind, active, levels=loss.levels if loss.kind == "feature" else "all",
+                        context=loss.context)
+        if term.mask == "gt" and not loss.supports_mask:
+            masked = [name for name in DISTILL_LOSSES.names() if DISTILL_LOSSES.get(name).supports_mask]
+            report.errors.append(f"{plan.key}.mask: {term.loss} does not take a ground-truth mask; "
+                                 f"leave mask: none, or use a loss that does ({', '.join(masked)})")
+        if "assignment" in loss.context and not student.assigns:
+            report.errors.append(f"{plan.key}: {term.loss} reads the student's own target assignment, which the "
+                                 f"{student.family} student does not expose; use a yolo student")
         if loss.kind == "response":
             _pair_response(report, plan, loss.box_space)
         else:
             _pair_features(report, plan, loss.connector)
+        if "teacher_quality" in loss.context:
+            head_strides = {level.stride for level in teacher.levels}
+            missing = sorted({f.stride[1] for f in plan.features} - head_strides)
+            if missing:
+                report.errors.append(f"{plan.key}: {term.loss} weights locations by the teacher's scores, but the teacher's head "
+                                     f"has no level of stride {missing} (its strides: {_strides(teacher.levels)}); "
+                                     f"distil features of the strides the head has")
+        reads = [CONTEXT_WORDS[name] for name in loss.context if name in CONTEXT_WORDS and (name != "mask" or term.mask == "gt")]
+        if reads:
+            plan.notes.append("also reads " + ", ".join(reads))
+        if loss.module is not None:
+            plan.notes.append(f"{term.loss} trains a module of its own beside the student")
         report.terms.append(plan)
     if settings.terms and not any(plan.active for plan in report.terms):
         report.notes.append("every term is switched off (enabled, distill.response, distill.features): this run trains "
@@ -120,12 +149,15 @@ def pair(teacher: ModelSpec, student: ModelSpec, settings: DistillSettings, *, t
     return report
 
 
-def _check_args(report: PairingReport, index: int, term: TermConfig, fn) -> None:
-    """A misspelt loss argument fails here, naming its key, not after the first epoch."""
-    params = inspect.signature(fn).parameters
-    valid = [name for name, p in params.items() if p.kind == p.KEYWORD_ONLY]
+def _check_args(report: PairingReport, index: int, term: TermConfig, loss: DistillLoss) -> None:
+    """A misspelt loss argument fails here, naming its key, not after the first epoch; so does
+    an argument that is context the distiller fills in."""
+    valid = loss.arguments
     for key in term.args:
-        if key not in valid:
+        if key in loss.context:
+            report.errors.append(f"distill.terms.{index}.args.{key}: {key} is filled in by the distiller "
+                                 f"({CONTEXT[key]}); remove it from args")
+        elif key not in valid:
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             report.errors.append(f"distill.terms.{index}.args.{key}: {term.loss} has no argument {key!r}.{hint} "
@@ -236,7 +268,7 @@ def _feature_names(spec: ModelSpec, name: str) -> list[str]:
     return [n for n in spec.features if n.startswith(name + ".")]
 
 
-def _pair_features(report: PairingReport, plan: TermPlan, default_connector: str) -> None:
+def _pair_features(report: PairingReport, plan: TermPlan, default_connector: str | None) -> None:
     teacher, student = report.teacher, report.student
     term = plan.config
     where = plan.key
@@ -250,7 +282,11 @@ def _pair_features(report: PairingReport, plan: TermPlan, default_connector: str
                                  f"It has: {', '.join(spec.features)} (or 'neck'/'backbone' for every level).")
     if not s_names or not t_names:
         return
-    connector = default_connector if term.connector == "auto" else term.connector
+    if default_connector is None and term.connector not in ("auto", "none"):
+        report.errors.append(f"{where}.connector: {term.loss} compares each model's maps with its own kind (no connector); "
+                             f"leave connector: auto")
+        return
+    connector = "loss" if default_connector is None else default_connector if term.connector == "auto" else term.connector
     if len(s_names) == 1 and len(t_names) == 1:
         candidates = [(s_names[0], t_names[0])]
     else:  # a group: pair levels by stride
@@ -271,6 +307,11 @@ def _pair_features(report: PairingReport, plan: TermPlan, default_connector: str
     for s_name, t_name in candidates:
         s_ch, s_stride, s_grid = student.features[s_name]
         t_ch, t_stride, t_grid = teacher.features[t_name]
+        if connector == "loss":
+            plan.features.append(FeaturePair(s_name, t_name, (s_ch, *s_grid), (t_ch, *t_grid), (s_stride, t_stride), connector, False))
+            plan.notes.append(f"{s_name} ({s_ch} ch, stride {s_stride}) with teacher {t_name} ({t_ch} ch, stride {t_stride}), "
+                              f"each read as it is")
+            continue
         if s_grid != t_grid and not term.resample:
             same = [n for n, (_, stride, _) in teacher.features.items() if stride == s_stride]
             report.errors.append(

@@ -1,4 +1,4 @@
-"""``kdet distill`` and ``kdet check``: a training run whose objective is a :class:`Distiller`;
+"""``kdet distill`` and ``kdet check``: a training run whose step is a :class:`Distiller`;
 ``kdet cache``: build a run's teacher-output cache without training (:mod:`kdet.distill.cache`)."""
 from __future__ import annotations
 
@@ -54,10 +54,11 @@ def distill(config: DistillConfig, out_dir: str | Path, *, resume: bool = False,
             cached, stats = prepare_cache(config, teacher[0].to(device), report, train_set, run_log)
             teacher[0].cpu()
             made["cache"] = record_cache_build(out_dir, stats)
-        return Distiller(teacher[0], report, config.distill.hard_weight, schedule=config.distill.schedule,
-                         final_ratio=config.distill.final_ratio, cached=cached)
+        return Distiller(student, teacher[0], report, config.distill.hard_weight, schedule=config.distill.schedule,
+                         final_ratio=config.distill.final_ratio, cached=cached, stop_epoch=config.distill.stop_epoch,
+                         auto=config.distill.auto, log=run_log, auto_weights_file=out_dir / "auto_weights.json")
 
-    results = train(config, out_dir, resume=resume, log=log, progress=progress, objective=build)
+    results = train(config, out_dir, resume=resume, log=log, progress=progress, step=build)
     results["teacher"] = teacher_results(made["teacher"], config, made["index"], log)
     if "cache" in made:
         results["teacher_cache"] = made["cache"]

@@ -1,5 +1,11 @@
 """Training a detector: one visible loop, from a validated :class:`~kdet.config.Config`.
 
+:func:`train` assembles a run (data, model, :class:`~kdet.engine.step.TrainStep`, optimiser,
+hooks) from the pieces in :mod:`kdet.engine.setup`, and :class:`Trainer` runs it: every batch
+becomes a :class:`~kdet.engine.step.Batch`, the step turns it into a loss, and the hooks
+(:class:`~kdet.engine.step.HookBase`) do the rest at fixed points: the EMA after every step,
+validation and checkpoints after every epoch.
+
 A run directory holds ``config.yaml`` (resolved), ``problems.json`` (what the data reader
 reported), ``metrics.jsonl`` (one line per epoch), ``last.pt`` (everything needed to resume),
 ``best.pt`` (the EMA weights with the best validation AP) and ``results.json`` (test metrics,
@@ -8,164 +14,45 @@ size and speed of ``best.pt``, and which kdet code ran: :func:`code_version`).
 from __future__ import annotations
 
 import json
-import math
-import random
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader
 
-from ..config import Config, ConfigError, ModelConfig, config_to_dict
-from ..data import read_dataset, resolve_data_path
-from ..data.pipeline import DetectionDataset, collate
+from ..config import Config, ModelConfig, config_to_dict
+from ..data.pipeline import DetectionDataset
 from ..models import Detector, build_model
-from ..models.anchors import DEFAULT_ANCHORS, best_possible_recall, kmeans_anchors
 from ..structures import DatasetIndex
-from .checkpoint import load_checkpoint, model_payload, save_atomic
+from .checkpoint import model_payload, save_atomic
 from .ema import ModelEMA
 from .evaluate import evaluate_model
+from .setup import (
+    Log,
+    build_optimizer,
+    build_scheduler,
+    check_resume_config,
+    code_version,
+    epoch_loader,
+    eval_settings,
+    init_weights_from,
+    load_data,
+    pick_device,
+    read_history,
+    resolve_model_config,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    test_split,
+    training_set,
+)
+from .step import Batch, HookBase, TrainStep
 
-Log = Callable[[str], None]
-
-
-class Objective(nn.Module):
-    """What a run minimises, when it is more than the detector's own loss (a distiller).
-
-    Called as ``objective(model, images, targets, indices) -> (loss, loss terms)``, ``indices``
-    being the training-set indices of the batch's images. Its trainable parameters are optimised
-    with the model's; :meth:`state_dict_to_save` goes into ``last.pt`` and is restored on resume.
-    Hooks, in the order the trainer calls them: :meth:`data_epoch` and :meth:`start_epoch`
-    before every epoch, :meth:`set_progress` before every step.
-    """
-
-    def state_dict_to_save(self) -> dict:
-        return self.state_dict()
-
-    def load_saved_state(self, state: dict) -> None:
-        self.load_state_dict(state)
-
-    def data_epoch(self, epoch: int) -> int:
-        """The epoch whose augmentation training epoch ``epoch`` (1-based) sees
-        (:meth:`~kdet.data.pipeline.DetectionDataset.set_epoch`): its own, unless the objective
-        replays fewer augmented views than there are epochs."""
-        return epoch
-
-    def start_epoch(self, epoch: int) -> None:
-        """Called before every epoch (1-based)."""
-
-    def set_progress(self, fraction: float) -> None:
-        """Called before every step with the fraction of training done, in ``[0, 1)``."""
-
-
-ObjectiveFactory = Callable[[Detector, DatasetIndex, DetectionDataset, Log], Objective]
-
-
-# ---------------------------------------------------------------------------------------------
-# Pieces a training run (and a distillation run) is made of
-# ---------------------------------------------------------------------------------------------
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device is {name!r} but CUDA is not available here; use auto or cpu")
-    return device
-
-
-def load_data(config: Config, log: Log) -> DatasetIndex:
-    index = read_dataset(
-        resolve_data_path(config.data.path),
-        config.data.format,
-        seed=config.data.split_seed,
-        fractions=config.data.split_fractions,
-    )
-    for key in ("train_split", "val_split"):
-        name = getattr(config.data, key)
-        if name not in index.splits:
-            raise ConfigError(
-                f"data.{key}: the dataset at {index.root} has no split {name!r}; it has {sorted(index.splits)}"
-            )
-    if index.problems:
-        kinds: dict[str, int] = {}
-        for problem in index.problems:
-            kinds[problem.kind] = kinds.get(problem.kind, 0) + 1
-        log(f"data: {len(index.problems)} problem(s) found and handled ({', '.join(f'{k}: {v}' for k, v in sorted(kinds.items()))}); see problems.json or `kdet data check`")
-    return index
-
-
-def resolve_model_config(config: Config, index: DatasetIndex, log: Log) -> ModelConfig:
-    """Turn ``anchors: auto`` into concrete anchors, as YOLOv5's autoanchor does: keep the
-    default anchors when they can be assigned to at least 98% of the training boxes, otherwise
-    fit new ones with k-means."""
-    model = config.model
-    if model.family != "yolo" or model.anchors != "auto":
-        return model
-    size = config.data.input_size
-    sizes = np.concatenate(
-        [(r.boxes[:, 2:] - r.boxes[:, :2]) * size / max(r.width, r.height) for r in index.split(config.data.train_split)]
-    )
-    recall = best_possible_recall(sizes, DEFAULT_ANCHORS)
-    if recall >= 0.98:
-        log(f"anchors: default anchors fit {recall:.1%} of the {len(sizes)} training boxes; keeping them")
-        return ModelConfig.model_validate({**model.model_dump(), "anchors": DEFAULT_ANCHORS})
-    anchors = kmeans_anchors(sizes, seed=config.seed)
-    log(f"anchors: default anchors fit only {recall:.1%} of the training boxes; k-means gives {anchors} "
-        f"(fits {best_possible_recall(sizes, anchors):.1%})")
-    return ModelConfig.model_validate({**model.model_dump(), "anchors": anchors})
-
-
-def init_weights_from(model: Detector, path: str, log: Log) -> None:
-    """Start from a kdet checkpoint's weights where names and shapes match (fine-tuning)."""
-    state = load_checkpoint(path)["state_dict"]
-    own = model.state_dict()
-    matched = {k: v.float() if v.is_floating_point() else v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    model.load_state_dict(matched, strict=False)
-    log(f"model.weights: loaded {len(matched)}/{len(own)} tensors from {path}")
-
-
-def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
-    """Weight decay on convolution and linear weights only, not on norms and biases."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim <= 1 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": config.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if config.train.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.train.lr, momentum=config.train.momentum, nesterov=True)
-    return torch.optim.AdamW(groups, lr=config.train.lr, betas=(config.train.momentum, 0.999))
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, config: Config, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step learning rate factor: linear warm-up, then cosine or linear decay to
-    ``final_lr_ratio``."""
-    total = config.train.epochs * steps_per_epoch
-    warmup = int(config.train.warmup_epochs * steps_per_epoch)
-    final = config.train.final_lr_ratio
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if config.train.scheduler == "cosine":
-            return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
-        if config.train.scheduler == "linear":
-            return 1 - (1 - final) * progress
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+StepFactory = Callable[[Detector, DatasetIndex, DetectionDataset, Log], TrainStep]
+"""Builds a run's :class:`TrainStep` from the student, the data and the augmented training set."""
 
 
 def check_finite(losses: dict[str, torch.Tensor], total: torch.Tensor, epoch: int, step: int) -> None:
@@ -177,75 +64,136 @@ def check_finite(losses: dict[str, torch.Tensor], total: torch.Tensor, epoch: in
         )
 
 
-def training_set(config: Config, index: DatasetIndex) -> DetectionDataset:
-    """The augmented training split, each sample a function of ``(config.seed, epoch, index)``."""
-    return DetectionDataset(index.split(config.data.train_split), config.data.input_size, augment=config.data.augment,
-                            cache=config.data.cache_images, seed=config.seed)
-
-
-def test_split(config: Config, index: DatasetIndex) -> str:
-    """The split a finished run is scored on: ``data.test_split``, or ``data.val_split`` when the
-    dataset has no test split."""
-    return config.data.test_split if config.data.test_split in index.splits else config.data.val_split
-
-
-def read_history(run_dir: Path) -> list[dict]:
-    """The per-epoch records of a run's ``metrics.jsonl``; none when it has no such file."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def eval_settings(config: Config) -> dict:
-    """Keyword arguments of :func:`~kdet.engine.evaluate.evaluate_model` from ``config.eval``."""
-    return config.eval.model_dump()
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
-def epoch_loader(dataset: DetectionDataset, config: Config, epoch: int) -> DataLoader:
-    """The loader of one epoch: its shuffle order depends only on ``(seed, epoch)``, and each
-    sample's augmentation only on ``(seed, the dataset's epoch, index)`` (see
-    :meth:`~kdet.data.pipeline.DetectionDataset.sample`), so a resumed run sees the same batches
-    as an uninterrupted one."""
-    seed = config.seed * 100_003 + epoch
-    torch.manual_seed(seed)
-    random.seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        dataset,
-        batch_size=config.train.batch_size,
-        shuffle=True,
-        drop_last=len(dataset) > config.train.batch_size,
-        collate_fn=collate,
-        num_workers=config.data.workers,
-        generator=generator,
-        worker_init_fn=_seed_worker,
-        persistent_workers=False,
-    )
-
-
-def _seed_worker(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
-
-
 @dataclass
 class RunState:
     epoch: int = 0  # epochs completed
     best_ap: float = -1.0
     best_epoch: int = -1
     history: list[dict] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+class Trainer:
+    """Runs epochs of steps and calls the hooks around them.
+
+    ``step`` is the run's :class:`TrainStep`; ``module`` what is called on a batch (the step
+    itself, or the step wrapped in ``DistributedDataParallel``). While a run goes on,
+    :attr:`epoch` (1-based), :attr:`iteration` (0-based step within the epoch),
+    :attr:`progress` (fraction of training done, in ``[0, 1)``) and, after a step,
+    :attr:`loss` and :attr:`losses` say where it is.
+    """
+
+    def __init__(self, step: TrainStep, optimizer: torch.optim.Optimizer, scheduler, *, epochs: int, steps_per_epoch: int,
+                 grad_clip: float | None = None, scaler: torch.amp.GradScaler | None = None, hooks: list[HookBase] = (),
+                 module: nn.Module | None = None, autocast_device: str = "cpu") -> None:
+        self.step = step
+        self.module = module or step
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
+        self.epochs = epochs
+        self.steps_per_epoch = steps_per_epoch
+        self.grad_clip = grad_clip
+        self.hooks = [step, *hooks]
+        self.autocast_device = autocast_device
+        self.epoch = 0
+        self.iteration = 0
+        self.progress = 0.0
+        self.loss: torch.Tensor | None = None
+        self.losses: dict[str, torch.Tensor] = {}
+
+    def call(self, name: str) -> None:
+        for hook in self.hooks:
+            getattr(hook, name)(self)
+
+    def train(self, first_epoch: int, batches: Callable[[int], object]) -> None:
+        """Epochs ``first_epoch .. epochs``; ``batches(epoch)`` gives an epoch's
+        :class:`Batch` objects."""
+        self.call("before_train")
+        for epoch in range(first_epoch, self.epochs + 1):
+            self.epoch = epoch
+            self.module.train()
+            self.call("before_epoch")
+            for iteration, batch in enumerate(batches(epoch)):
+                self.iteration = iteration
+                self.progress = ((epoch - 1) * self.steps_per_epoch + iteration) / (self.epochs * self.steps_per_epoch)
+                self.call("before_step")
+                self.run_step(batch)
+                self.call("after_step")
+            self.call("after_epoch")
+        self.call("after_train")
+
+    def run_step(self, batch: Batch) -> None:
+        """Loss, backward pass, optimiser and learning-rate step."""
+        with torch.autocast(self.autocast_device, enabled=self.scaler.is_enabled()):
+            loss, losses = self.module(batch)
+        check_finite(losses, loss, self.epoch, self.iteration)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.step.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.loss, self.losses = loss.detach(), losses
+
+
+class EMAHook(HookBase):
+    """Keeps the exponential moving average of the student's weights after every step."""
+
+    def __init__(self, ema: ModelEMA, model: nn.Module) -> None:
+        self.ema, self.model = ema, model
+
+    def after_step(self, trainer: Trainer) -> None:
+        self.ema.update(self.model)
+
+
+class EpochRecorder(HookBase):
+    """Averages the loss terms over an epoch; after it, validates (every ``eval_every`` epochs
+    and at the last), keeps ``best.pt``, appends the epoch to ``metrics.jsonl``, writes
+    ``last.pt`` and logs a line."""
+
+    def __init__(self, *, out_dir: Path, state: RunState, eval_model: Callable[[], nn.Module], validate: Callable[[nn.Module], dict],
+                 eval_every: int, best_payload: Callable[[nn.Module, dict], dict], last_payload: Callable[[Trainer], dict], log: Log) -> None:
+        self.out_dir, self.state, self.eval_model, self.validate = out_dir, state, eval_model, validate
+        self.eval_every, self.best_payload, self.last_payload, self.log = eval_every, best_payload, last_payload, log
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        self.started = 0.0
+
+    def before_epoch(self, trainer: Trainer) -> None:
+        self.sums, self.steps, self.started = {}, 0, time.perf_counter()
+
+    def after_step(self, trainer: Trainer) -> None:
+        self.steps += 1
+        self.sums["loss"] = self.sums.get("loss", 0.0) + trainer.loss.item()
+        for key, value in trainer.losses.items():
+            self.sums[f"loss_{key}"] = self.sums.get(f"loss_{key}", 0.0) + value.item()
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        epoch, state = trainer.epoch, self.state
+        record = {"epoch": epoch, "lr": trainer.optimizer.param_groups[0]["lr"],
+                  **{k: v / max(self.steps, 1) for k, v in self.sums.items()},
+                  "train_time_s": round(time.perf_counter() - self.started, 2)}
+        if epoch % self.eval_every == 0 or epoch == trainer.epochs:
+            model = self.eval_model()
+            metrics = self.validate(model)
+            record["val"] = {"AP": metrics["coco"]["AP"], "AP50": metrics["coco"]["AP50"], "VOC_mAP50": metrics["voc"]["mAP50_all"]}
+            ap = metrics["coco"]["AP"] or 0.0
+            if ap > state.best_ap:
+                state.best_ap, state.best_epoch = ap, epoch
+                save_atomic(self.best_payload(model, {"epoch": epoch, "val": record["val"]}), self.out_dir / "best.pt")
+        state.epoch = epoch
+        state.history.append(record)
+        with (self.out_dir / "metrics.jsonl").open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        save_atomic(self.last_payload(trainer), self.out_dir / "last.pt")
+        val = record.get("val")
+        self.log(f"epoch {epoch}: loss {record['loss']:.4f}" + (f", val AP {val['AP']:.3f} AP50 {val['AP50']:.3f}" if val else "")
+                 + f" ({record['train_time_s']:.0f}s)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,12 +206,13 @@ def train(
     resume: bool = False,
     log: Log = print,
     progress: bool = True,
-    objective: ObjectiveFactory | None = None,
+    step: StepFactory | None = None,
 ) -> dict:
     """Train ``config`` into ``out_dir``; with ``resume`` continue from ``out_dir/last.pt``.
 
-    ``objective`` builds what is minimised from the model and the data (a distiller); by default
-    the model's own loss. Returns the content of ``results.json``.
+    ``step`` builds what one training step computes from the student and the data (a
+    distiller); by default the student's own loss (:class:`TrainStep`). Returns the content of
+    ``results.json``.
     """
     out_dir = Path(out_dir)
     last_path = out_dir / "last.pt"
@@ -297,18 +246,16 @@ def train(
     train_set = training_set(config, index)
     val_set = DetectionDataset(index.split(config.data.val_split), size, augment=None, cache=config.data.cache_images)
     steps_per_epoch = max(1, len(train_set) // config.train.batch_size) if len(train_set) > config.train.batch_size else 1
-    # built after the model, so a run with an objective starts from the same initial weights
-    extra = objective(model, index, train_set, log).to(device) if objective is not None else None
-    trainable = nn.ModuleList([model] + ([extra] if extra is not None else []))
-    optimizer = build_optimizer(trainable, config)
+    # built after the model, so a run with a distiller starts from the same initial weights
+    run_step = (step(model, index, train_set, log) if step is not None else TrainStep(model)).to(device)
+    optimizer = build_optimizer(run_step, config)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
     ema = ModelEMA(model, config.train.ema_decay, config.train.ema_ramp) if config.train.ema else None
     scaler = torch.amp.GradScaler(device.type, enabled=config.train.amp and device.type == "cuda")
     state = RunState()
     if saved:
         model.load_state_dict(saved["model"])
-        if extra is not None:
-            extra.load_saved_state(saved["objective"])
+        run_step.load_saved_state(saved["objective"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         if ema is not None:
@@ -320,75 +267,38 @@ def train(
     params = sum(p.numel() for p in model.parameters())
     log(f"model: {model_config.family}/{model_config.backbone}-{model_config.size}, {params / 1e6:.2f}M parameters; "
         f"{len(train_set)} train / {len(val_set)} val images at {size}px on {device}")
-    metrics_path = out_dir / "metrics.jsonl"
     eval_kwargs = eval_settings(config)
 
-    for epoch in range(state.epoch + 1, config.train.epochs + 1):
-        trainable.train()
-        started = time.perf_counter()
-        sums: dict[str, float] = {}
-        steps = 0
-        train_set.set_epoch(extra.data_epoch(epoch) if extra is not None else epoch)
-        if extra is not None:
-            extra.start_epoch(epoch)
-        loader = epoch_loader(train_set, config, epoch)
-        for step, (images, targets, indices) in enumerate(_progress(loader, f"epoch {epoch}/{config.train.epochs}", progress)):
-            images = images.to(device, non_blocking=True)
-            targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-            with torch.autocast(device.type, enabled=scaler.is_enabled()):
-                if extra is None:
-                    output = model(images, targets)
-                    loss, losses = output.loss, output.losses
-                else:
-                    extra.set_progress(((epoch - 1) * steps_per_epoch + step) / (config.train.epochs * steps_per_epoch))
-                    loss, losses = extra(model, images, targets, indices)
-            check_finite(losses, loss, epoch, step)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if config.train.grad_clip:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(trainable.parameters(), config.train.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            if ema is not None:
-                ema.update(model)
-            steps += 1
-            sums["loss"] = sums.get("loss", 0.0) + loss.item()
-            for key, value in losses.items():
-                sums[f"loss_{key}"] = sums.get(f"loss_{key}", 0.0) + value.item()
-        record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **{k: v / max(steps, 1) for k, v in sums.items()},
-                  "train_time_s": round(time.perf_counter() - started, 2)}
-        eval_model = ema.module if ema is not None else model
-        if epoch % config.train.eval_every == 0 or epoch == config.train.epochs:
-            metrics = evaluate_model(eval_model, val_set.records, size, dataset=val_set, **eval_kwargs)
-            record["val"] = {"AP": metrics["coco"]["AP"], "AP50": metrics["coco"]["AP50"], "VOC_mAP50": metrics["voc"]["mAP50_all"]}
-            ap = metrics["coco"]["AP"] or 0.0
-            if ap > state.best_ap:
-                state.best_ap, state.best_epoch = ap, epoch
-                save_atomic(model_payload(eval_model, model_config, size, extra={"epoch": epoch, "val": record["val"]}), out_dir / "best.pt")
-        state.epoch = epoch
-        state.history.append(record)
-        with metrics_path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        save_atomic(
-            {
-                "config": config_to_dict(resolved),
-                "model_config": model_config.model_dump(mode="json"),
-                "model": model.state_dict(),
-                "objective": extra.state_dict_to_save() if extra is not None else None,
-                "ema": ema.state_dict() if ema is not None else None,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "run_state": state.__dict__,
-                "rng": rng_state(),
-            },
-            last_path,
-        )
-        val = record.get("val")
-        log(f"epoch {epoch}: loss {record['loss']:.4f}" + (f", val AP {val['AP']:.3f} AP50 {val['AP50']:.3f}" if val else "")
-            + f" ({record['train_time_s']:.0f}s)")
+    def last_payload(trainer: Trainer) -> dict:
+        return {
+            "config": config_to_dict(resolved),
+            "model_config": model_config.model_dump(mode="json"),
+            "model": model.state_dict(),
+            "objective": run_step.state_dict_to_save(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "run_state": state.__dict__,
+            "rng": rng_state(),
+        }
 
+    recorder = EpochRecorder(
+        out_dir=out_dir, state=state, eval_model=lambda: ema.module if ema is not None else model,
+        validate=lambda m: evaluate_model(m, val_set.records, size, dataset=val_set, **eval_kwargs), eval_every=config.train.eval_every,
+        best_payload=lambda m, extra: model_payload(m, model_config, size, extra=extra), last_payload=last_payload, log=log,
+    )
+    trainer = Trainer(run_step, optimizer, scheduler, epochs=config.train.epochs, steps_per_epoch=steps_per_epoch,
+                      grad_clip=config.train.grad_clip, scaler=scaler, hooks=([EMAHook(ema, model)] if ema else []) + [recorder],
+                      autocast_device=device.type)
+
+    def batches(epoch: int):
+        view = run_step.data_epoch(epoch)
+        train_set.set_epoch(view)
+        loader = epoch_loader(train_set, config, epoch)
+        for images, targets, indices in _progress(loader, f"epoch {epoch}/{config.train.epochs}", progress):
+            yield Batch.of(images, targets, indices, epoch=epoch, view=view).to(device)
+
+    trainer.train(state.epoch + 1, batches)
     return finish_run(out_dir, config, index, log, code)
 
 
@@ -418,49 +328,6 @@ def finish_run(out_dir: Path, config: Config, index: DatasetIndex, log: Log, cod
         f"(best epoch {payload.get('epoch')}); results in {out_dir / 'results.json'}")
     return results
 
-
-def code_version() -> dict:
-    """Which kdet code ran: its version and where it was imported from, plus the git commit and
-    whether the package's files differ from it, when kdet runs from a git checkout."""
-    from .. import __version__
-
-    root = Path(__file__).resolve().parents[1]
-    info: dict = {"version": __version__, "path": str(root), "torch": torch.__version__}
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if commit.returncode == 0:
-            status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "."],
-                                    capture_output=True, text=True, timeout=10)
-            info["commit"] = commit.stdout.strip()
-            info["modified"] = bool(status.stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
-
-
-def check_resume_config(config: Config, saved: Config) -> None:
-    """A resumed run must train the same thing; only ``train.epochs`` may grow."""
-    new, old = config_to_dict(config), config_to_dict(saved)
-    new["train"]["epochs"] = old["train"]["epochs"] = 0
-    if config.model.anchors == "auto":  # the saved config holds the anchors k-means chose
-        new["model"]["anchors"] = old["model"]["anchors"]
-    diffs = _diff(old, new)
-    if diffs:
-        raise ConfigError("--resume: the config differs from the one the run started with: " + "; ".join(diffs)
-                          + ". Resume with the run's own config.yaml, or start a new run.")
-    if config.train.epochs < saved.train.epochs:
-        raise ConfigError(f"--resume: train.epochs {config.train.epochs} is below the run's {saved.train.epochs}")
-
-
-def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
 
 
 def _progress(iterable, description: str, enabled: bool):

@@ -35,6 +35,7 @@ class LevelAssignment:
     box: Tensor
     anchor_wh: Tensor
     label: Tensor
+    target: Tensor  # [n] row of the matched target in the flattened targets
 
 
 def targets_to_tensor(targets: Targets, device: torch.device) -> Tensor:
@@ -60,6 +61,7 @@ def assign_targets(level: HeadLevel, targets: Tensor, anchor_threshold: float) -
     keep = torch.maximum(ratio, 1 / ratio).amax(2) < anchor_threshold  # [A, T]
     anchor_index, target_index = keep.nonzero(as_tuple=True)
     matched = scaled[target_index]  # [n, 6]
+    target_index = target_index[None].expand(5, -1)
     centre = matched[:, 2:4]
     centre_from_far_edge = torch.tensor([width, height], device=targets.device) - centre
     near_low = (centre % 1 < 0.5) & (centre > 1)  # [n, 2]: left (x), above (y)
@@ -70,6 +72,7 @@ def assign_targets(level: HeadLevel, targets: Tensor, anchor_threshold: float) -
     offsets = _NEIGHBOUR_OFFSETS.to(targets.device)[:, None].expand(5, len(matched), 2)[use]
     matched = matched[None].expand(5, -1, -1)[use]
     anchor_index = anchor_index[None].expand(5, -1)[use]
+    target_index = target_index[use]
     cell = (matched[:, 2:4] - offsets).long()
     col = cell[:, 0].clamp(0, width - 1)
     row = cell[:, 1].clamp(0, height - 1)
@@ -82,6 +85,7 @@ def assign_targets(level: HeadLevel, targets: Tensor, anchor_threshold: float) -
         box=box,
         anchor_wh=anchors[anchor_index],
         label=matched[:, 1].long(),
+        target=target_index,
     )
 
 
@@ -125,6 +129,24 @@ class YOLOv5Loss:
             "obj": self.base_weights["obj"] * (input_size / 640) ** 2 * per_level,
             "cls": self.base_weights["cls"] * self.num_classes / 80 * per_level,
         }
+
+    def assign(self, head: list[HeadLevel], targets: Targets) -> list[Tensor]:
+        """Per level int64 ``[N, A, H, W]``: which object of its image each location is a positive
+        for (the index into that image's targets), -1 for background. Where several objects land on
+        one location, the last one matched is kept."""
+        device = head[0].cls_logits.device
+        flat_targets = targets_to_tensor(targets, device)
+        counts = torch.tensor([len(t["labels"]) for t in targets], device=device)
+        first_row = torch.cumsum(counts, 0) - counts  # row of each image's first target in flat_targets
+        maps = []
+        for level in head:
+            n, a = level.cls_logits.shape[:2]
+            owner = torch.full((n, a, *level.grid_size), -1, dtype=torch.long, device=device)
+            match = assign_targets(level, flat_targets, self.anchor_threshold)
+            if len(match.image):
+                owner[match.image, match.anchor, match.row, match.col] = match.target - first_row[match.image]
+            maps.append(owner)
+        return maps
 
     def __call__(self, head: list[HeadLevel], targets: Targets) -> dict[str, Tensor]:
         device = head[0].cls_logits.device

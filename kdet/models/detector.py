@@ -39,6 +39,7 @@ class ModelSpec:
     class_names: tuple[str, ...]
     features: dict[str, tuple[int, int, tuple[int, int]]]  # name -> (channels, stride, (H, W))
     levels: tuple[LevelSpec, ...]
+    assigns: bool = False  # whether the detector exposes its target assignment (:meth:`Detector.assign`)
 
 
 class Detector(nn.Module):
@@ -77,6 +78,20 @@ class Detector(nn.Module):
     ) -> DetectorOutput:
         raise NotImplementedError
 
+    @property
+    def assigns(self) -> bool:
+        """Whether :meth:`assign` is available: the detector's loss exposes its assignment."""
+        return callable(getattr(getattr(self, "loss_fn", None), "assign", None))
+
+    def assign(self, head: list, targets: Targets) -> list[Tensor]:
+        """The detector's own assignment of ``targets`` to the locations of ``head``: per level
+        int64 ``[N, A, H, W]``, the index (within its image's targets) of the object a location
+        is a positive for, -1 for background. Raises ``NotImplementedError`` when the detector's
+        loss does not expose it (:attr:`assigns`)."""
+        if not self.assigns:
+            raise NotImplementedError(f"the {self.family} detector does not expose its target assignment")
+        return self.loss_fn.assign(head, targets)
+
     @torch.no_grad()
     def describe(self, input_size: tuple[int, int]) -> ModelSpec:
         """Shapes of every feature and head level at ``input_size`` (H, W), from a probe pass."""
@@ -106,4 +121,4 @@ class Detector(nn.Module):
                     anchors=None if level.anchors is None else tuple(map(tuple, level.anchors.tolist())),
                 )
             )
-        return ModelSpec(self.family, tuple(input_size), tuple(self.class_names), features, tuple(levels))
+        return ModelSpec(self.family, tuple(input_size), tuple(self.class_names), features, tuple(levels), self.assigns)

@@ -16,7 +16,9 @@ from kdet.models.fcos import decode_ltrb
 from kdet.models.yolo import level_boxes_and_scores
 from kdet.structures import HeadLevel
 
-LOSS_NAMES = DISTILL_LOSSES.names()
+# the losses that read only the two models' outputs; those that ask for context (ground truth,
+# strides, modules) get the same checks with their context in test_feature_losses.py
+LOSS_NAMES = [name for name in DISTILL_LOSSES.names() if DISTILL_LOSSES.get(name).fn.__module__ == "kdet.distill.losses"]
 FIELDS = ("cls_logits", "box", "score", "quality")
 
 
@@ -77,6 +79,9 @@ def loss_fn(name: str):
 # Common contract of every registered loss
 # ---------------------------------------------------------------------------------------------
 def test_every_loss_has_a_known_kind_and_hand_computed_check():
+    from test_feature_losses import NAMES as CONTEXT_LOSS_NAMES
+
+    assert sorted(LOSS_NAMES + CONTEXT_LOSS_NAMES) == DISTILL_LOSSES.names()  # every registered loss is checked
     assert set(LOSS_NAMES) == set(BATCH_AVERAGING) == set(HAND_COMPUTED)
     for name in LOSS_NAMES:
         assert DISTILL_LOSSES.get(name).kind in {"response", "feature"}

@@ -13,6 +13,7 @@ from kdet.config import DistillSettings, ModelConfig, TermConfig
 from kdet.distill.distiller import Distiller
 from kdet.distill.losses import DISTILL_LOSSES
 from kdet.distill.pairing import FeaturePair, PairingError, pair
+from kdet.engine.step import Batch
 from kdet.models import build_model
 from kdet.models.anchors import DEFAULT_ANCHORS
 
@@ -301,30 +302,28 @@ def test_every_term_switched_off_is_noted():
 # ---------------------------------------------------------------------------------------------
 # Through the Distiller
 # ---------------------------------------------------------------------------------------------
-def batch():
+def batch() -> Batch:
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(2, 3, SIZE, SIZE, generator=generator)
     targets = [
         {"boxes": torch.tensor([[8.0, 12.0, 40.0, 44.0]]), "labels": torch.tensor([0])},
         {"boxes": torch.tensor([[20.0, 8.0, 56.0, 36.0]]), "labels": torch.tensor([1])},
     ]
-    return images, targets
+    return Batch.of(images, targets)
 
 
 def test_distiller_step_trains_the_student_and_connectors_only():
     teacher, student = build("yolo_s"), build("yolo_p")
     report = pair(teacher.describe((SIZE, SIZE)), student.describe((SIZE, SIZE)),
                   settings(response("objectness_scaled"), fitnet("neck")))
-    distiller = Distiller(teacher, report)
+    distiller = Distiller(student, teacher, report)
     distiller.train()
-    student.train()
     assert teacher.training is False
     assert not any(p.requires_grad for p in teacher.parameters())
     assert set(distiller.connectors) == {"term1_neck_p3", "term1_neck_p4", "term1_neck_p5"}
 
-    images, targets = batch()
-    total, losses = distiller(student, images, targets)
-    assert total.dim() == 0 and torch.isfinite(total)
+    total, losses = distiller(batch())
+    assert student.training and total.dim() == 0 and torch.isfinite(total)
     assert {k for k in losses if k.startswith("det_")} == {"det_box", "det_obj", "det_cls"}
     assert {k for k in losses if k.startswith("kd")} == {"kd0_objectness_scaled", "kd1_fitnet"}
     assert all(torch.isfinite(v) and not v.requires_grad for v in losses.values())
@@ -336,24 +335,24 @@ def test_distiller_step_trains_the_student_and_connectors_only():
     assert any(p.grad.abs().sum() > 0 for p in distiller.connectors.parameters())
     student_grads = [p.grad for p in student.parameters() if p.grad is not None]
     assert student_grads and all(torch.isfinite(g).all() for g in student_grads)
-    # the connectors are the objective's only trainable parameters: the teacher is not among them
-    assert {id(p) for p in distiller.parameters() if p.requires_grad} == {id(p) for p in distiller.connectors.parameters()}
+    # the step trains the student and the connectors: the teacher is not among its trainable parameters
+    trainable = {id(p) for p in distiller.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in [*student.parameters(), *distiller.connectors.parameters()]}
 
 
 def test_distiller_weights_the_terms_and_the_hard_loss():
     teacher, student = build("yolo_s"), build("yolo_p")
     terms = (response("objectness_scaled", weight=0.5), fitnet("neck.p3", weight=2.0))
     report = pair(teacher.describe((SIZE, SIZE)), student.describe((SIZE, SIZE)), settings(*terms))
-    distiller = Distiller(teacher, report, hard_weight=0.0)
-    images, targets = batch()
-    total, losses = distiller(student.eval(), images, targets)
+    distiller = Distiller(student, teacher, report, hard_weight=0.0).eval()
+    total, losses = distiller(batch())
     assert torch.allclose(total, 0.5 * losses["kd0_objectness_scaled"] + 2.0 * losses["kd1_fitnet"], rtol=1e-5)
 
 
 def test_distiller_refuses_a_report_with_errors():
     report = check("yolo_s", "yolo_p_two_anchors", response("l2_logits"))
     with pytest.raises(PairingError, match="different anchors per location"):
-        Distiller(build("yolo_s"), report)
+        Distiller(build("yolo_p_two_anchors"), build("yolo_s"), report)
 
 
 def test_distiller_reorders_teacher_classes_by_name():
@@ -374,14 +373,13 @@ def test_distiller_reorders_teacher_classes_by_name():
     terms = [response(name) for name in RESPONSE_LOSSES]
     report = pair(teacher.describe((SIZE, SIZE)), student.describe((SIZE, SIZE)), settings(*terms))
     assert report.ok and report.teacher_classes == [1, 0]
-    images, targets = batch()
-    _, losses = Distiller(teacher, report)(student, images, targets)
+    _, losses = Distiller(student, teacher, report).eval()(batch())
     for name in RESPONSE_LOSSES:
         assert losses[f"kd{RESPONSE_LOSSES.index(name)}_{name}"].item() == pytest.approx(0.0, abs=1e-6), name
     # the same teacher with its class names left as the student's compares class 0 with class 1
     teacher.class_names = list(CLASSES)
     unmatched = pair(teacher.describe((SIZE, SIZE)), student.describe((SIZE, SIZE)), settings(*terms))
-    _, losses = Distiller(teacher, unmatched)(student, images, targets)
+    _, losses = Distiller(student, teacher, unmatched).eval()(batch())
     assert losses[f"kd{RESPONSE_LOSSES.index('kl')}_kl"] > 1e-4
 
 
@@ -389,8 +387,7 @@ def test_distiller_fcos_teacher_to_yolo_student_gives_finite_terms():
     teacher, student = build("fcos_resnet18"), build("yolo_mobilenet").train()
     report = pair(teacher.describe((SIZE, SIZE)), student.describe((SIZE, SIZE)),
                   settings(response("objectness_scaled"), response("kl"), fitnet("neck")))
-    images, targets = batch()
-    total, losses = Distiller(teacher, report)(student, images, targets)
+    total, losses = Distiller(student, teacher, report).train()(batch())
     assert math.isfinite(total.item())
     assert all(math.isfinite(losses[key].item()) for key in ("kd0_objectness_scaled", "kd1_kl", "kd2_fitnet"))
     total.backward()
