@@ -66,6 +66,9 @@ class ModelConfig(Strict):
     extra_levels: bool = Field(True, description="fcos: add P6 and P7 (strides 64, 128) like the paper")
     pretrained_backbone: str | None = Field(None, description="local weights file for the backbone")
     weights: str | None = Field(None, description="kdet checkpoint to initialise the whole detector from")
+    partial_weights: bool = Field(False, description="accept a weights or pretrained_backbone file that fits the model only "
+                                  "in part: load the tensors that match by name and shape, leave the rest at their "
+                                  "initialisation (default: such a file is refused)")
     box_weight: float = Field(0.05, ge=0, description="yolo: box loss weight")
     obj_weight: float = Field(1.0, ge=0, description="yolo: objectness loss weight")
     cls_weight: float = Field(0.5, ge=0, description="yolo: class loss weight")
@@ -113,6 +116,8 @@ class TeacherConfig(Strict):
     checkpoint: str | None = Field(None, description="kdet checkpoint of the teacher (a path or bundled:NAME)")
     model: ModelConfig | None = Field(None, description="teacher architecture, when its weights are a plain state dict")
     weights: str | None = Field(None, description="state dict file for teacher.model")
+    partial_weights: bool = Field(False, description="accept teacher.weights that fit teacher.model only in part (the rest "
+                                  "of the teacher stays random); default: refused")
     input_size: int | None = Field(None, description="input size the teacher was trained at (checkpoints record it)")
 
 

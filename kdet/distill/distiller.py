@@ -67,7 +67,8 @@ def load_teacher(config: TeacherConfig, class_names: list[str], input_size: int)
         if model_config["anchors"] == "auto":  # only yolo reads anchors
             model_config["anchors"] = "default"
         teacher = build_model(ModelConfig.model_validate({**model_config, "pretrained_backbone": None}), class_names, input_size)
-        load_weights_file(teacher, config.weights, what="teacher.weights")
+        load_weights_file(teacher, config.weights, what="teacher.weights", allow_partial=config.partial_weights,
+                          option="teacher.partial_weights")
         trained_size = config.input_size or input_size
     else:
         raise ConfigError("teacher: set teacher.checkpoint (a kdet checkpoint such as bundled:bccd_teacher or runs/x/best.pt), "

@@ -14,6 +14,7 @@ from .. import __version__
 from ..config import ModelConfig
 from ..bundled import BUNDLED_MODELS, resolve_bundled
 from ..models import Detector, build_model
+from ..models.weights import compare_state, describe_mismatch
 
 FORMAT = "kdet-detector/1"
 
@@ -96,27 +97,6 @@ def load_checkpoint(path: str | Path, *, log: Callable[[str], None] = _to_stderr
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not a kdet detector checkpoint (expected format {FORMAT!r})")
     return payload
-
-
-def describe_mismatch(missing: list[str], unexpected: list[str], reshaped: list[str], *, shown: int = 3) -> str:
-    """``"N missing (e.g. a, b), M unexpected (e.g. ...), K with another shape (e.g. ...)"``:
-    what a state dict lacks, has too many of, and has in other shapes, counted."""
-    parts = []
-    for items, what in ((missing, "missing"), (unexpected, "unexpected"), (reshaped, "with another shape")):
-        if items:
-            more = ", ..." if len(items) > shown else ""
-            parts.append(f"{len(items)} {what} (e.g. {', '.join(items[:shown])}{more})")
-    return ", ".join(parts)
-
-
-def compare_state(own: dict[str, torch.Tensor], given: dict[str, Any]) -> tuple[list[str], list[str], list[str]]:
-    """Keys of ``own`` (a module's state dict) that ``given`` lacks, keys of ``given`` that
-    ``own`` lacks, and shared keys whose shapes differ (``name [given shape] vs [own shape]``)."""
-    missing = [k for k in own if k not in given]
-    unexpected = [k for k in given if k not in own]
-    reshaped = [f"{k} {list(given[k].shape)} vs {list(own[k].shape)}" for k in own
-                if k in given and hasattr(given[k], "shape") and tuple(given[k].shape) != tuple(own[k].shape)]
-    return missing, unexpected, reshaped
 
 
 def load_detector(path: str | Path, *, map_location: str | torch.device = "cpu",

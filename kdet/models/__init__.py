@@ -19,7 +19,8 @@ def build_yolo(config: ModelConfig, class_names: list[str], input_size: int) -> 
     if config.anchors == "auto":
         raise ValueError("model.anchors is 'auto': resolve it from the training data before building (kdet.engine does)")
     anchors = DEFAULT_ANCHORS if config.anchors == "default" else config.anchors
-    backbone = build_backbone(config.backbone, size=config.size, width=config.width, pretrained=config.pretrained_backbone)
+    backbone = build_backbone(config.backbone, size=config.size, width=config.width, pretrained=config.pretrained_backbone,
+                              allow_partial=config.partial_weights)
     loss = YOLOv5Loss(
         len(class_names), box_weight=config.box_weight, obj_weight=config.obj_weight, cls_weight=config.cls_weight
     )

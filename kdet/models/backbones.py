@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..registry import Registry
 from .layers import C3, SPPF, ConvBNAct
+from .weights import Log, load_state, to_stderr
 
 # width multiplier, depth multiplier: the YOLOv5 scaling rules
 SIZES: dict[str, tuple[float, float]] = {
@@ -46,8 +47,8 @@ class Backbone(nn.Module):
     channels: list[int]
     strides: list[int] = list(STAGE_STRIDES)
 
-    def load_pretrained(self, path: str | Path) -> None:
-        load_weights_file(self, path, what="backbone")
+    def load_pretrained(self, path: str | Path, *, allow_partial: bool = False) -> None:
+        load_weights_file(self, path, what="model.pretrained_backbone", allow_partial=allow_partial)
 
 
 BACKBONES: Registry[Callable[..., Backbone]] = Registry("backbone")
@@ -130,55 +131,58 @@ def _resnet_layers(net: torchvision.models.ResNet) -> nn.Sequential:
     )
 
 
-def _torchvision_backbone(name: str, width: float, pretrained: str | Path | None) -> TorchvisionBackbone:
+def _torchvision_backbone(name: str, width: float, pretrained: str | Path | None, allow_partial: bool = False) -> TorchvisionBackbone:
     kwargs = {"width_mult": width} if name in {"mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large"} else {}
     if name.startswith("resnet") and width != 1.0:
         raise ValueError(f"model.width is not supported for {name}; remove it or use 1.0")
     net = getattr(torchvision.models, name)(weights=None, **kwargs)
     if pretrained:
         # torchvision's weight files are whole classification networks: load before cutting
-        load_weights_file(net, pretrained, what=f"{name} weights")
+        load_weights_file(net, pretrained, what=f"model.pretrained_backbone ({name})", allow_partial=allow_partial)
     layers = _resnet_layers(net) if name.startswith("resnet") else net.features
     return TorchvisionBackbone(layers)
 
 
 for _name in ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "resnet18", "resnet34", "resnet50"):
     BACKBONES.register(_name)(
-        lambda width=1.0, pretrained=None, _n=_name: _torchvision_backbone(_n, width, pretrained)
+        lambda width=1.0, pretrained=None, allow_partial=False, _n=_name: _torchvision_backbone(_n, width, pretrained, allow_partial)
     )
 
 
-def build_backbone(name: str, *, size: str = "s", width: float = 1.0, pretrained: str | Path | None = None) -> Backbone:
+def build_backbone(name: str, *, size: str = "s", width: float = 1.0, pretrained: str | Path | None = None,
+                   allow_partial: bool = False) -> Backbone:
     """Build a registered backbone. ``size`` applies to ``cspdarknet``, ``width`` to MobileNets;
     ``pretrained`` is a local weights file (a torchvision checkpoint for torchvision backbones,
-    a state dict of the backbone itself for ``cspdarknet``)."""
+    a state dict of the backbone itself for ``cspdarknet``), refused unless it fits completely
+    or ``allow_partial`` (``model.partial_weights``)."""
     builder = BACKBONES.get(name)
     if name == "cspdarknet":
         backbone = builder(size=size)
         if pretrained:
-            backbone.load_pretrained(pretrained)
+            backbone.load_pretrained(pretrained, allow_partial=allow_partial)
         return backbone
-    return builder(width=width, pretrained=pretrained)
+    return builder(width=width, pretrained=pretrained, allow_partial=allow_partial)
 
 
-def load_weights_file(module: nn.Module, path: str | Path, *, what: str) -> None:
-    """Load a local state dict into ``module`` (keys that match by name and shape).
+def load_weights_file(module: nn.Module, path: str | Path, *, what: str, allow_partial: bool = False,
+                      option: str = "model.partial_weights", log: Log = to_stderr) -> int:
+    """Load a local state dict into ``module`` and say how many tensors it loaded.
 
     Accepts a bare state dict or a dict holding one under ``state_dict``/``model``. Raises when
-    the file is missing or when no tensor at all matches, since that means the wrong file.
+    the file is missing or cannot be read, and when it does not fit ``module`` completely unless
+    ``allow_partial`` (the config key ``option``); see :func:`kdet.models.weights.load_state`.
+    Returns the number of tensors loaded.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what}: file {path} not found; give a local weights file (nothing is downloaded)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for a damaged or foreign file
+        raise ValueError(f"{what}: {path} cannot be read as a weights file ({error})") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    own = module.state_dict()
-    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not matched:
-        raise ValueError(
-            f"{what}: no tensor in {path} matches the model by name and shape "
-            f"(file has e.g. {list(state)[:3]}, model expects e.g. {list(own)[:3]}); is it the right file?"
-        )
-    module.load_state_dict(matched, strict=False)
+    if not isinstance(state, dict):
+        raise ValueError(f"{what}: {path} holds a {type(state).__name__}, not a state dict of tensors")
+    return load_state(module, state, what=what, source=str(path), allow_partial=allow_partial, option=option, log=log)

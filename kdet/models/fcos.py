@@ -274,7 +274,8 @@ def build_fcos(config: ModelConfig, class_names: list[str], input_size: int, *, 
     """FCOS from ``config``: ``backbone``/``size``/``width``/``pretrained_backbone`` pick the
     backbone, ``fpn_channels`` and ``extra_levels`` shape the FPN; the head has ``num_convs``
     convolutions per branch (torchvision's 4 unless asked otherwise)."""
-    backbone = build_backbone(config.backbone, size=config.size, width=config.width, pretrained=config.pretrained_backbone)
+    backbone = build_backbone(config.backbone, size=config.size, width=config.width, pretrained=config.pretrained_backbone,
+                              allow_partial=config.partial_weights)
     return FCOSDetector(
         class_names,
         backbone,
