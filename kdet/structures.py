@@ -134,8 +134,20 @@ class HeadLevel:
 
     ``cls_logits``: ``[N, A, C, H, W]``; ``box``: ``[N, A, 4, H, W]`` in the head's own
     parameterisation (``box_format``); ``score``: ``[N, A, 1, H, W]`` logits of the head's
-    objectness (YOLO) or quality/centerness (FCOS) branch, ``None`` when the head has none.
-    ``A`` is the number of anchors per location (1 for anchor-free heads).
+    objectness (YOLO anchor head) or quality/centerness (FCOS) branch, ``None`` when the head
+    has none (YOLO DFL head). ``A`` is the number of anchors per location (1 for anchor-free
+    heads). ``box_dist``: ``[N, A, 4, R, H, W]`` logits of each box edge's distribution over
+    ``R`` bins, for heads that predict one (DFL), else ``None``; ``box`` is then its expectation.
+
+    ``box_format``, for a location at row ``row``, column ``col`` of a level of stride ``s``:
+
+    * ``"yolov5"``: YOLOv5's centre/size code relative to the cell and the anchor
+      (:func:`kdet.losses.yolo.decode_cell_boxes`);
+    * ``"ltrb"``: distances (left, top, right, bottom) from the cell's corner point
+      ``(col * s, row * s)`` to the box edges, in units of ``s`` (torchvision's FCOS);
+    * ``"ltrb_center"``: the same distances from the cell's centre point
+      ``((col + 0.5) * s, (row + 0.5) * s)`` (YOLOv8-style DFL head, as Ultralytics places its
+      anchor points).
     """
 
     name: str
@@ -144,8 +156,9 @@ class HeadLevel:
     box: Tensor
     score: Tensor | None = None
     score_kind: str | None = None  # "objectness" | "centerness"
-    box_format: str = ""  # "yolov5" | "ltrb"
+    box_format: str = ""  # "yolov5" | "ltrb" | "ltrb_center"
     anchors: Tensor | None = None  # [A, 2] anchor (w, h) in pixels, anchor-based heads only
+    box_dist: Tensor | None = None  # [N, A, 4, R, H, W] edge distribution logits, DFL heads only
 
     @property
     def num_anchors(self) -> int:
