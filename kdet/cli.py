@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(func=cmd_data_convert)
 
     train = sub.add_parser("train", help="train a detector from a YAML config")
-    train.add_argument("config", help="a YAML config file, or a recipe name from kdet/configs: bccd_teacher, bccd_student, bccd_fcos, demo")
+    train.add_argument("config", help="a YAML config file, or a recipe name from kdet/configs: bccd_teacher, bccd_student, bccd_student_dfl, bccd_fcos, demo")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.epochs=10 (repeatable)")
     train.add_argument("--out", help="run directory (default: runs/<config name>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")

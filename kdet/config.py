@@ -58,6 +58,10 @@ class ModelConfig(Strict):
     family: str = Field("yolo", description="detector family: yolo or fcos")
     backbone: str = Field("cspdarknet", description="cspdarknet, mobilenet_v2, mobilenet_v3_small/large, resnet18/34/50")
     size: Literal["p", "t", "n", "s", "m", "l"] = Field("s", description="width/depth of cspdarknet and of the neck")
+    head: Literal["anchor", "dfl"] = Field(
+        "anchor", description="yolo: 'anchor' (YOLOv5-style, anchors and objectness) or 'dfl' (YOLOv8-style anchor-free "
+                              "decoupled head, DFL boxes, task-aligned assignment; ignores anchors and the *_weight keys)"
+    )
     width: float = Field(1.0, gt=0, description="width multiplier of MobileNet backbones")
     anchors: Literal["auto", "default"] | list[list[list[float]]] = Field(
         "auto", description="yolo: 'auto' (k-means on the training boxes), 'default' (YOLOv5's) or [[[w, h], ...], ...]"

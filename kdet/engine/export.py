@@ -4,8 +4,8 @@ The exported graph takes ``images`` float32 ``[N, 3, S, S]`` in ``[0, 1]`` (lett
 does; the mean/std normalisation is inside the graph) and gives, before any NMS:
 
 * ``boxes`` ``[N, K, 4]``: xyxy in input pixels, clipped to ``[0, S]``;
-* ``scores`` ``[N, K, C]``: per-class scores, YOLO objectness x class probability, FCOS
-  ``sqrt(class probability x centerness)``,
+* ``scores`` ``[N, K, C]``: per-class scores, YOLO objectness x class probability (the DFL
+  head: the class probability), FCOS ``sqrt(class probability x centerness)``,
 
 decoded exactly as the PyTorch model decodes before NMS (YOLO: :func:`level_boxes_and_scores`
 per level, then concatenation and clipping, as :func:`decode_yolo`; FCOS: :func:`decode_ltrb`
@@ -156,7 +156,7 @@ def weights_fingerprint(model: nn.Module) -> str:
 def onnx_metadata(model: Detector, input_size: int, *, fp16: bool, dynamic_batch: bool, batch: int, opset: int, source: str = "") -> dict[str, str]:
     """What kdet writes into the ONNX model's ``metadata_props`` (all values are strings)."""
     scores = {
-        "yolo": "objectness x class probability",
+        "yolo": "class probability" if getattr(model, "head_kind", "anchor") == "dfl" else "objectness x class probability",
         "fcos": "sqrt(class probability x centerness)",
     }[model.family]
     return {

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..config import ModelConfig
+from ..losses.dfl import DFLLoss
 from ..losses.yolo import YOLOv5Loss
 from ..registry import Registry
 from .anchors import DEFAULT_ANCHORS
@@ -16,11 +17,15 @@ MODELS: Registry[Callable[..., Detector]] = Registry("model family")
 
 @MODELS.register("yolo")
 def build_yolo(config: ModelConfig, class_names: list[str], input_size: int) -> YOLODetector:
+    """The built-in YOLO: ``model.head`` anchor (anchors and the ``*_weight`` keys apply) or dfl
+    (anchor-free; anchors are ignored, the loss weights are YOLOv8's, see :class:`DFLLoss`)."""
+    backbone = build_backbone(config.backbone, size=config.size, width=config.width, pretrained=config.pretrained_backbone,
+                              allow_partial=config.partial_weights)
+    if config.head == "dfl":
+        return YOLODetector(class_names, backbone, None, neck_size=config.size, input_size=input_size, head="dfl")
     if config.anchors == "auto":
         raise ValueError("model.anchors is 'auto': resolve it from the training data before building (kdet.engine does)")
     anchors = DEFAULT_ANCHORS if config.anchors == "default" else config.anchors
-    backbone = build_backbone(config.backbone, size=config.size, width=config.width, pretrained=config.pretrained_backbone,
-                              allow_partial=config.partial_weights)
     loss = YOLOv5Loss(
         len(class_names), box_weight=config.box_weight, obj_weight=config.obj_weight, cls_weight=config.cls_weight
     )

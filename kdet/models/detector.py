@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..structures import DetectorOutput, Targets
+from ..structures import DetectorOutput, HeadLevel, Targets
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -30,6 +30,8 @@ class LevelSpec:
     num_classes: int
     score_kind: str | None
     anchors: tuple[tuple[float, float], ...] | None
+    box_format: str = ""  # HeadLevel.box_format: "yolov5" | "ltrb" | "ltrb_center"
+    box_bins: int | None = None  # bins of each box edge's distribution (DFL heads), else None
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,11 @@ class Detector(nn.Module):
         score_thresh: float = 0.001,
         nms_iou: float = 0.6,
         max_det: int = 300,
+        assign_from: list[HeadLevel] | None = None,
     ) -> DetectorOutput:
+        """``assign_from``: head levels of another model whose predictions the target
+        assignment reads instead of this model's (detectors whose assignment reads predictions:
+        the YOLO DFL head); ``None``, the default, assigns from the model's own predictions."""
         raise NotImplementedError
 
     @property
@@ -119,6 +125,8 @@ class Detector(nn.Module):
                     num_classes=level.num_classes,
                     score_kind=level.score_kind,
                     anchors=None if level.anchors is None else tuple(map(tuple, level.anchors.tolist())),
+                    box_format=level.box_format,
+                    box_bins=None if level.box_dist is None else int(level.box_dist.shape[3]),
                 )
             )
         return ModelSpec(self.family, tuple(input_size), tuple(self.class_names), features, tuple(levels), self.assigns)

@@ -153,6 +153,7 @@ class FCOSDetector(Detector):
         score_thresh: float = 0.001,
         nms_iou: float = 0.6,
         max_det: int = 300,
+        assign_from: list[HeadLevel] | None = None,
     ) -> DetectorOutput:
         """One pass over ``images`` float ``[N, 3, H, W]`` in ``[0, 1]``.
 
@@ -160,7 +161,11 @@ class FCOSDetector(Detector):
         levels), head maps per level (see the class docstring), losses when ``targets`` are
         given, and with ``decode`` one :class:`Detections` per image (boxes in input pixels,
         clipped to the image; at most ``max_det`` after class-wise NMS at ``nms_iou``).
+        ``assign_from`` must be ``None``: FCOS assigns by location and scale, not from predictions.
         """
+        if assign_from is not None:
+            raise ValueError("assign_from is for detectors that assign targets from predictions (yolo with head: dfl); "
+                             "FCOS assigns by location and scale")
         stages = self.backbone(self.normalize(images))
         pyramid = pyramid_names(self.neck(OrderedDict(stages)))
         features = {f"backbone.{k}": FeatureMap(v, s) for (k, v), s in zip(stages.items(), self.backbone.strides)}
@@ -274,6 +279,9 @@ def build_fcos(config: ModelConfig, class_names: list[str], input_size: int, *, 
     """FCOS from ``config``: ``backbone``/``size``/``width``/``pretrained_backbone`` pick the
     backbone, ``fpn_channels`` and ``extra_levels`` shape the FPN; the head has ``num_convs``
     convolutions per branch (torchvision's 4 unless asked otherwise)."""
+    if config.head != "anchor":
+        raise ValueError(f"model.head: {config.head} is a head of the yolo family; FCOS has its own head "
+                         f"(leave model.head out)")
     backbone = build_backbone(config.backbone, size=config.size, width=config.width, pretrained=config.pretrained_backbone,
                               allow_partial=config.partial_weights)
     return FCOSDetector(
