@@ -25,12 +25,13 @@ Views
   in common.
 
 What is stored, per (view, image)
-  ``head``: every head level of the teacher, class logits, box and score maps as the head
-  outputs them (the distiller derives what each response term reads from them, as it does from a
-  live teacher), when a response term is on; ``feature.<name>``: each teacher feature map a
-  feature term reads. Feature maps are much larger than the head maps; the size estimate printed
-  before a build says how much. fp16 by default (half the disk; values within fp16 rounding,
-  about 1e-3 relative, of the teacher's), fp32 on request.
+  ``head``: every head level of the teacher, class logits, box and score maps and a DFL head's
+  box edge distributions as the head outputs them (the distiller derives what each response
+  term reads from them, as it does from a live teacher), when a response term is on;
+  ``feature.<name>``: each teacher feature map a feature term reads. Feature maps are much
+  larger than the head maps; the size estimate printed before a build says how much. fp16 by
+  default (half the disk; values within fp16 rounding, about 1e-3 relative, of the teacher's),
+  fp32 on request.
 
 Layout of ``DIR``
   ``DIR/<fingerprint>/manifest.json``: what the cache was made from and the layout of each group;
@@ -84,6 +85,10 @@ DTYPES = {"fp16": np.float16, "fp32": np.float32}
 DISK_RESERVE = 256 * 2**20  # left free on the disk after a build
 
 
+# the parts of a HeadLevel the cache stores, those a head has (score and box_dist may be None)
+HEAD_PARTS = ("cls_logits", "box", "score", "box_dist")
+
+
 class TeacherCacheError(ConfigError):
     """The cache cannot be used as configured; the message says why and what to change."""
 
@@ -95,7 +100,7 @@ class TeacherCacheError(ConfigError):
 class StoredArray:
     """One teacher output inside a group's row: ``shape`` per image, from element ``offset``."""
 
-    name: str  # "p3.cls_logits", "p3.box", "p3.score" in the head group; the feature name in a feature group
+    name: str  # "p3.cls_logits", "p3.box", "p3.score", "p3.box_dist" in the head group; the feature name in a feature group
     shape: tuple[int, ...]
     offset: int
 
@@ -154,7 +159,7 @@ def group_layouts(probe: DetectorOutput, names: list[str]) -> dict[str, Group]:
         arrays, offset = [], 0
         if name == "head":
             for level in probe.head:
-                for part in ("cls_logits", "box", "score"):
+                for part in HEAD_PARTS:
                     tensor = getattr(level, part)
                     if tensor is not None:
                         arrays.append(StoredArray(f"{level.name}.{part}", tuple(tensor.shape[1:]), offset))
@@ -480,8 +485,8 @@ class CachedTeacher:
         self.cache = cache
         self.groups = groups
         self.views = views
-        self._levels = [replace(level, cls_logits=level.cls_logits[:0], box=level.box[:0],
-                                score=None if level.score is None else level.score[:0]) for level in probe.head]
+        self._levels = [replace(level, **{part: None if getattr(level, part) is None else getattr(level, part)[:0]
+                                          for part in HEAD_PARTS}) for level in probe.head]
         self._strides = {name: fm.stride for name, fm in probe.features.items()}
 
     def data_epoch(self, epoch: int) -> int:
@@ -496,8 +501,8 @@ class CachedTeacher:
             rows = self.cache.read(group, view, indices).to(device, non_blocking=True).float()  # [N, row]
             parts = {a.name: rows[:, a.offset : a.offset + a.numel].view(len(indices), *a.shape) for a in group.arrays}
             if name == "head":
-                head = [replace(level, cls_logits=parts[f"{level.name}.cls_logits"], box=parts[f"{level.name}.box"],
-                                score=parts.get(f"{level.name}.score")) for level in self._levels]
+                head = [replace(level, **{part: parts.get(f"{level.name}.{part}") for part in HEAD_PARTS})
+                        for level in self._levels]
             else:
                 feature = name.removeprefix("feature.")
                 features[feature] = FeatureMap(parts[feature], self._strides[feature])

@@ -89,7 +89,10 @@ def _stat(values: list[float | None], undefined: str = "no ground truth to measu
 
 
 def model_name(model: dict) -> str:
-    return f"{model['family']} {model['backbone']}-{model['size']}"
+    """``yolo cspdarknet-t``; ``yolo cspdarknet-t dfl`` for the DFL head (the anchor head, the
+    default, is not named, so runs saved before ``model.head`` existed keep their names)."""
+    head = " dfl" if model.get("head") == "dfl" else ""
+    return f"{model['family']} {model['backbone']}-{model['size']}{head}"
 
 
 def method_name(config: dict) -> str:

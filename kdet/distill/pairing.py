@@ -222,7 +222,8 @@ def _pair_response(report: PairingReport, plan: TermPlan, box_space: str) -> Non
     anchors_differ = any(
         student.levels[s].num_anchors != teacher.levels[t].num_anchors for s, t in plan.level_pairs
     )
-    boxes_differ = teacher.family != student.family or any(
+    formats_differ = any(student.levels[s].box_format != teacher.levels[t].box_format for s, t in plan.level_pairs)
+    boxes_differ = teacher.family != student.family or formats_differ or any(
         not _same_anchors(student.levels[s].anchors, teacher.levels[t].anchors) for s, t in plan.level_pairs
     )
     plan.pick_teacher_anchor = anchors_differ
@@ -231,6 +232,10 @@ def _pair_response(report: PairingReport, plan: TermPlan, box_space: str) -> Non
             fix = "Use objectness_scaled or kl, which compare probabilities and decoded boxes"
             if teacher.family != student.family:
                 why = f"the heads' families differ (teacher {teacher.family}, student {student.family})"
+            elif formats_differ:
+                why = (f"the heads encode boxes differently (teacher {teacher.levels[0].box_format}, student "
+                       f"{student.levels[0].box_format}: model.head anchor and dfl)")
+                fix += ", or give both models the same model.head"
             else:
                 why = ("the heads have different anchors per location" if anchors_differ else
                        "the two heads use different anchor boxes, so their raw box outputs mean different boxes")
@@ -351,6 +356,9 @@ def ltrb_in_strides(level: HeadLevel) -> Tensor:
     edges, in units of the stride, ``[N, A, 4, H, W]``: the same numbers for any head family."""
     if level.box_format == "ltrb":
         return level.box
+    if level.box_format == "ltrb_center":  # from the cell centre, half a stride right of and below the corner
+        shift = torch.tensor([-0.5, -0.5, 0.5, 0.5], device=level.box.device, dtype=level.box.dtype)
+        return level.box + shift.view(1, 1, 4, 1, 1)
     if level.box_format == "yolov5":
         anchors = (level.anchors.to(level.box) / level.stride).view(1, -1, 1, 1, 2)
         cell = decode_cell_boxes(level.box.permute(0, 1, 3, 4, 2), anchors)  # cx, cy from the corner, w, h; grid units
