@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -120,3 +121,53 @@ def load_detector(path: str | Path, *, map_location: str | torch.device = "cpu",
         )
     model.load_state_dict(state)
     return model.to(map_location).eval(), payload
+
+
+# ---------------------------------------------------------------------------------------------
+# A run directory's training state, and what an interrupted run leaves behind
+# ---------------------------------------------------------------------------------------------
+TRAINING_STATE_KEYS = ("config", "model_config", "model", "optimizer", "scheduler", "run_state", "rng")
+
+
+def load_training_state(path: Path) -> dict:
+    """A run's ``last.pt``, for ``--resume``. Raises ``ValueError`` naming the file when it
+    cannot be read or lacks what a resume needs (a damaged or foreign file)."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises several types for a damaged file
+        raise ValueError(f"--resume: {path} cannot be read ({error}). last.pt is replaced atomically, so an interrupted "
+                         f"write cannot cause this: the file was damaged or replaced afterwards. Restore it, or start a new "
+                         f"run (another --out, or remove {path})") from None
+    lacking = [key for key in TRAINING_STATE_KEYS if not isinstance(saved, dict) or key not in saved]
+    if lacking:
+        raise ValueError(f"--resume: {path} is not the training state kdet writes (it lacks {', '.join(lacking)}); restore "
+                         f"the run's own last.pt, or start a new run")
+    return saved
+
+
+def tidy_run_dir(out_dir: Path, last_epoch: int, log: Callable[[str], None]) -> None:
+    """Before a run (new or resumed) trains in ``out_dir``, whose ``last.pt`` holds ``last_epoch``
+    completed epochs (0: none): remove the temporary files a process killed while writing a
+    checkpoint left (:func:`atomic_file`'s ``.<name>.*.tmp``), and drop the ``metrics.jsonl``
+    records of epochs after ``last_epoch``, written before the kill but not checkpointed: the
+    run trains those epochs again and records them anew."""
+    for name in ("last.pt", "best.pt"):
+        for stale in sorted(out_dir.glob(f".{name}.*.tmp")):
+            stale.unlink()
+            log(f"removed {stale.name}, a temporary file left by a run killed while writing {name}")
+    metrics = out_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return
+    lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+    kept, dropped = [], []
+    for line in lines:
+        try:
+            epoch = json.loads(line).get("epoch")
+        except (json.JSONDecodeError, AttributeError):
+            epoch = None  # a line cut short by the kill
+        (kept if isinstance(epoch, int) and epoch <= last_epoch else dropped).append(line)
+    if dropped:
+        with atomic_file(metrics) as handle:
+            handle.write("".join(f"{line}\n" for line in kept).encode())
+        log(f"metrics.jsonl: removed {len(dropped)} record(s) written after the last checkpoint (epoch {last_epoch}); "
+            f"those epochs are trained and recorded again")

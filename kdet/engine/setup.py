@@ -22,6 +22,7 @@ from ..data import read_dataset, resolve_data_path
 from ..data.pipeline import DetectionDataset, collate
 from ..models import Detector
 from ..models.anchors import DEFAULT_ANCHORS, best_possible_recall, kmeans_anchors
+from ..models.weights import load_state
 from ..structures import DatasetIndex
 from .checkpoint import load_checkpoint
 
@@ -53,9 +54,13 @@ def load_data(config: Config, log: Log) -> DatasetIndex:
     for key in ("train_split", "val_split"):
         name = getattr(config.data, key)
         if name not in index.splits:
-            raise ConfigError(
-                f"data.{key}: the dataset at {index.root} has no split {name!r}; it has {sorted(index.splits)}"
-            )
+            raise ConfigError(f"data.{key}: {index.missing_split_message(name)}")
+        if not index.splits[name]:
+            raise ConfigError(f"data.{key}: split {name!r} of the dataset at {index.root} has no usable image; "
+                              f"`kdet data check {index.root}` lists what was skipped and why")
+    if config.data.test_split in index.lost_splits:
+        log(f"warning: data.test_split: split {config.data.test_split!r} is lost ({index.lost_splits[config.data.test_split]}); "
+            f"the run is scored on {config.data.val_split!r} instead")
     if index.problems:
         kinds: dict[str, int] = {}
         for problem in index.problems:
@@ -85,13 +90,13 @@ def resolve_model_config(config: Config, index: DatasetIndex, log: Log) -> Model
     return ModelConfig.model_validate({**model.model_dump(), "anchors": anchors})
 
 
-def init_weights_from(model: Detector, path: str, log: Log) -> None:
-    """Start from a kdet checkpoint's weights where names and shapes match (fine-tuning)."""
-    state = load_checkpoint(path)["state_dict"]
-    own = model.state_dict()
-    matched = {k: v.float() if v.is_floating_point() else v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    model.load_state_dict(matched, strict=False)
-    log(f"model.weights: loaded {len(matched)}/{len(own)} tensors from {path}")
+def init_weights_from(model: Detector, path: str, log: Log, *, allow_partial: bool = False) -> None:
+    """Start from a kdet checkpoint's weights (fine-tuning). A checkpoint that fits the model
+    only in part (another size, other classes) is refused unless ``allow_partial``
+    (``model.partial_weights``): then the tensors that match by name and shape are loaded."""
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_checkpoint(path, log=log)["state_dict"].items()}
+    load_state(model, state, what="model.weights", source=str(path), allow_partial=allow_partial, option="model.partial_weights",
+               log=log)
 
 
 def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:

@@ -27,7 +27,7 @@ from ..config import Config, ModelConfig, config_to_dict
 from ..data.pipeline import DetectionDataset
 from ..models import Detector, build_model
 from ..structures import DatasetIndex
-from .checkpoint import model_payload, save_atomic
+from .checkpoint import load_training_state, model_payload, save_atomic, tidy_run_dir
 from .ema import ModelEMA
 from .evaluate import evaluate_model
 from .setup import (
@@ -50,6 +50,7 @@ from .setup import (
     training_set,
 )
 from .step import Batch, HookBase, TrainStep
+from .watch import LossWatch
 
 StepFactory = Callable[[Detector, DatasetIndex, DetectionDataset, Log], TrainStep]
 """Builds a run's :class:`TrainStep` from the student, the data and the augmented training set."""
@@ -220,7 +221,7 @@ def train(
     if resume:
         if not last_path.is_file():
             raise FileNotFoundError(f"--resume: {last_path} not found; start a new run without --resume")
-        saved = torch.load(last_path, map_location="cpu", weights_only=False)
+        saved = load_training_state(last_path)
         check_resume_config(config, type(config).model_validate(saved["config"]))
     elif last_path.exists():
         raise FileExistsError(f"{out_dir} already holds a run (last.pt); pass --resume to continue it or choose another --out")
@@ -242,7 +243,7 @@ def train(
     size = config.data.input_size
     model = build_model(model_config, index.class_names, size).to(device)
     if model_config.weights and not saved:
-        init_weights_from(model, model_config.weights, log)
+        init_weights_from(model, model_config.weights, log, allow_partial=model_config.partial_weights)
     train_set = training_set(config, index)
     val_set = DetectionDataset(index.split(config.data.val_split), size, augment=None, cache=config.data.cache_images)
     steps_per_epoch = max(1, len(train_set) // config.train.batch_size) if len(train_set) > config.train.batch_size else 1
@@ -263,6 +264,7 @@ def train(
         state = RunState(**saved["run_state"])
         set_rng_state(saved["rng"])
         log(f"resuming {out_dir} after epoch {state.epoch}")
+    tidy_run_dir(out_dir, state.epoch, log)  # what a run killed mid-write left behind
 
     params = sum(p.numel() for p in model.parameters())
     log(f"model: {model_config.family}/{model_config.backbone}-{model_config.size}, {params / 1e6:.2f}M parameters; "
@@ -288,7 +290,8 @@ def train(
         best_payload=lambda m, extra: model_payload(m, model_config, size, extra=extra), last_payload=last_payload, log=log,
     )
     trainer = Trainer(run_step, optimizer, scheduler, epochs=config.train.epochs, steps_per_epoch=steps_per_epoch,
-                      grad_clip=config.train.grad_clip, scaler=scaler, hooks=([EMAHook(ema, model)] if ema else []) + [recorder],
+                      grad_clip=config.train.grad_clip, scaler=scaler,
+                      hooks=([EMAHook(ema, model)] if ema else []) + [recorder, LossWatch(log)],
                       autocast_device=device.type)
 
     def batches(epoch: int):

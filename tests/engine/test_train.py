@@ -104,3 +104,101 @@ def test_missing_split_is_a_config_error(shapes_voc, tmp_path):
     config["data"]["val_split"] = "valid"
     with pytest.raises(ConfigError, match=r"data.val_split.*'valid'.*\['test', 'train', 'val'\]"):
         train(validate_config(config), tmp_path / "run", log=quiet, progress=False)
+
+
+def test_resume_after_a_kill_during_a_checkpoint_write(shapes_voc, tmp_path):
+    config = tiny_config_dict(shapes_voc, epochs=2)
+    out = tmp_path / "run"
+    train(validate_config(config), out, log=quiet, progress=False)
+    # what kill -9 during epoch 3's last.pt write leaves: its metrics line, a temporary file
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join(lines + [lines[-1].replace('"epoch": 2', '"epoch": 3')]) + "\n")
+    (out / ".last.pt.k9x2ab.tmp").write_bytes(b"half a checkpoint")
+
+    logged: list[str] = []
+    config["train"]["epochs"] = 3
+    train(validate_config(config), out, resume=True, log=logged.append, progress=False)
+
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert not list(out.glob(".*.tmp"))
+    assert any("removed .last.pt.k9x2ab.tmp" in line for line in logged)
+    assert any("metrics.jsonl: removed 1 record(s) written after the last checkpoint (epoch 2)" in line for line in logged)
+
+
+def test_resume_from_a_damaged_last_pt_is_one_clear_error(shapes_voc, tmp_path, capsys):
+    from kdet.cli import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"\x80\x02 damaged")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict(shapes_voc)))
+    assert main(["train", str(config), "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"--resume: {out / 'last.pt'} cannot be read" in err and "Traceback" not in err
+    torch.save({"model": {}}, out / "last.pt")
+    with pytest.raises(ValueError, match="not the training state kdet writes .it lacks config, model_config, optimizer"):
+        train(validate_config(tiny_config_dict(shapes_voc)), out, resume=True, log=quiet, progress=False)
+
+
+def test_exploding_loss_is_warned_and_a_healthy_one_is_not(shapes_voc, tmp_path):
+    healthy: list[str] = []
+    train(validate_config(tiny_config_dict(shapes_voc, epochs=1)), tmp_path / "ok", log=healthy.append, progress=False)
+    assert not any("the loss is exploding" in line for line in healthy)
+
+    exploding: list[str] = []
+    config = tiny_config_dict(shapes_voc, epochs=1, lr=1000.0, batch_size=2, grad_clip=None, warmup_epochs=0)
+    train(validate_config(config), tmp_path / "boom", log=exploding.append, progress=False)
+    warnings = [line for line in exploding if "the loss is exploding" in line]
+    assert len(warnings) == 1 and "lower train.lr" in warnings[0] and "epoch 1, step " in warnings[0]
+
+
+def test_loss_watch_warns_once_per_order_of_growth():
+    from types import SimpleNamespace
+
+    from kdet.engine.watch import LossWatch
+
+    logged: list[str] = []
+    watch = LossWatch(logged.append)
+    trainer = SimpleNamespace(epoch=1, iteration=0, optimizer=SimpleNamespace(param_groups=[{"lr": 0.1}]), loss=None)
+    for loss in (2.0, 1.5, 150.0, 199.0, 250.0, 2e4, 1e12, 2e12):
+        trainer.loss = torch.tensor(loss)
+        watch.after_step(trainer)
+    assert [line.split(" at ")[0] for line in logged] == [
+        "warning: the loss is exploding: 250", "warning: the loss is exploding: 2e+04", "warning: the loss is exploding: 1e+12",
+    ]
+
+
+def test_model_weights_of_another_size_are_refused_unless_partial(shapes_voc, teacher_checkpoint, tmp_path):
+    from kdet.config import ModelConfig
+    from kdet.engine.setup import init_weights_from
+    from kdet.models import build_model
+
+    config = tiny_config_dict(shapes_voc)
+    config["model"]["weights"] = str(teacher_checkpoint)  # size t; the model is size p
+    with pytest.raises(ValueError, match=r"model.weights: .* does not fit the model: \d+ of the model's \d+ tensors .*"
+                                         r"set model.partial_weights: true"):
+        train(validate_config(config), tmp_path / "run", log=quiet, progress=False)
+    model = build_model(ModelConfig(size="p", anchors="default"), ["bar", "square"], 64)
+    logged: list[str] = []
+    init_weights_from(model, str(teacher_checkpoint), logged.append, allow_partial=True)
+    assert logged[-1].startswith("model.weights: loaded ") and "(partial load, model.partial_weights: true" in logged[-1]
+
+
+def test_a_lost_split_is_named_with_its_cause_when_training(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "coco"
+    for split in ("train", "valid"):
+        (root / split).mkdir(parents=True)
+        Image.fromarray(np.zeros((24, 32, 3), np.uint8)).save(root / split / "a.jpg")
+        (root / split / "_annotations.coco.json").write_text(json.dumps({
+            "images": [{"id": 0, "file_name": "a.jpg", "width": 32, "height": 24}],
+            "annotations": [{"id": 0, "image_id": 0, "category_id": 0, "bbox": [1, 1, 8, 8]}],
+            "categories": [{"id": 0, "name": "cell"}]}, indent=1))
+    broken = root / "valid" / "_annotations.coco.json"
+    broken.write_text(broken.read_text()[:50])  # a download cut short
+    with pytest.raises(ConfigError, match=r"data.val_split: .*split 'val' is lost: valid/_annotations.coco.json, line \d+ cannot "
+                                          r"be read: not valid JSON"):
+        train(validate_config(tiny_config_dict(root)), tmp_path / "run", log=quiet, progress=False)
