@@ -293,8 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = sub.add_parser("data", help="inspect or convert a dataset").add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    check = data.add_parser("check", help="read a dataset and report its contents and every problem found; "
-                            "exit code 1 when no usable image is left or a split the dataset names is lost")
+    check_help = ("read a dataset and report its contents and every problem found; exit code 1 when no usable image "
+                  "is left or a split the dataset names is lost")
+    check = data.add_parser("check", help=check_help, description=check_help)
     check.add_argument("path", help="dataset folder, or bundled:bccd")
     check.add_argument("--format", default="auto", choices=["auto", "voc", "coco", "yolo"])
     check.add_argument("--json", action="store_true", help="print a machine-readable summary")
@@ -358,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_report)
 
     evaluate = sub.add_parser("eval", help="COCO AP@[.5:.95]/AP50/AP75/APs/m/l and VOC mAP@0.5 (11-point, all-point), per class")
-    evaluate.add_argument("checkpoint", help="a kdet checkpoint (best.pt), or bundled:bccd_teacher")
+    evaluate.add_argument("checkpoint", help="a kdet checkpoint (best.pt, or a run directory for its best.pt), or bundled:bccd_teacher")
     evaluate.add_argument("--data", required=True, help="dataset folder, or bundled:bccd")
     evaluate.add_argument("--format", default="auto", choices=["auto", "voc", "coco", "yolo"])
     evaluate.add_argument("--split", default="test", help="split to score (default: test)")
@@ -368,9 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=cmd_eval)
 
-    predict = sub.add_parser("predict", help="draw a checkpoint's detections on images (an image that cannot be read is "
-                             "skipped and named; exit code 1 when none could be)")
-    predict.add_argument("checkpoint", help="a kdet checkpoint (best.pt), or bundled:bccd_teacher")
+    predict_help = ("draw a checkpoint's detections on images (an image that cannot be read is skipped and named; exit "
+                    "code 1 when none could be)")
+    predict = sub.add_parser("predict", help=predict_help, description=predict_help)
+    predict.add_argument("checkpoint", help="a kdet checkpoint (best.pt, or a run directory for its best.pt), or bundled:bccd_teacher")
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     predict.add_argument("--out", required=True)
     predict.add_argument("--score-thresh", type=float, default=0.25)
@@ -388,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.set_defaults(func=cmd_profile)
 
     export = sub.add_parser("export", help="write a checkpoint as an ONNX model (boxes and per-class scores before NMS), checked against PyTorch")
-    export.add_argument("checkpoint", help="a kdet checkpoint (best.pt), or bundled:bccd_teacher")
+    export.add_argument("checkpoint", help="a kdet checkpoint (best.pt, or a run directory for its best.pt), or bundled:bccd_teacher")
     export.add_argument("--format", default="onnx", choices=["onnx"], help="output format (default: onnx)")
     export.add_argument("--out", help="output file, or an existing folder to write the default name into (default: the "
                         "checkpoint's name with .onnx, .fp16.onnx with --fp16; for bundled:NAME, NAME.onnx in the current directory)")
