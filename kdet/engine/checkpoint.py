@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
@@ -15,7 +14,7 @@ from .. import __version__
 from ..config import ModelConfig
 from ..bundled import BUNDLED_MODELS, resolve_bundled
 from ..models import Detector, build_model
-from ..models.weights import compare_state, describe_mismatch
+from ..models.weights import compare_state, describe_mismatch, to_stderr
 
 FORMAT = "kdet-detector/1"
 
@@ -69,11 +68,7 @@ def half_precision(payload: dict) -> dict:
     return {**payload, "state_dict": state}
 
 
-def _to_stderr(message: str) -> None:
-    print(message, file=sys.stderr)
-
-
-def load_checkpoint(path: str | Path, *, log: Callable[[str], None] = _to_stderr) -> dict:
+def load_checkpoint(path: str | Path, *, log: Callable[[str], None] = to_stderr) -> dict:
     """Read a kdet detector checkpoint (a path or ``bundled:NAME``). A run directory stands for
     its ``best.pt`` (``log`` says so); a run's ``last.pt`` (its training state) is refused with
     the path of the ``best.pt`` to use instead."""
@@ -101,7 +96,7 @@ def load_checkpoint(path: str | Path, *, log: Callable[[str], None] = _to_stderr
 
 
 def load_detector(path: str | Path, *, map_location: str | torch.device = "cpu",
-                  log: Callable[[str], None] = _to_stderr) -> tuple[Detector, dict]:
+                  log: Callable[[str], None] = to_stderr) -> tuple[Detector, dict]:
     """Rebuild the detector saved in ``path`` and load its weights (fp16 checkpoints are cast
     back to fp32). Returns ``(model in eval mode, payload)``. Raises ``ValueError`` naming the
     missing, unexpected and reshaped tensors when the weights do not fit the model the
