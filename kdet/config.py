@@ -168,6 +168,10 @@ class DistillSettings(Strict):
     final_ratio: float = Field(0.0, ge=0, le=1, description="term weight factor at the end of a decaying schedule")
     stop_epoch: int | None = Field(None, ge=0, description="last epoch with distillation terms; later epochs train on the "
                                    "labels alone (unset: every epoch)")
+    assign: Literal["own", "teacher"] = Field(
+        "own", description="whose predictions the student's own loss assigns its targets from: its own, or the teacher's "
+                           "(PP-YOLOE+ / LAD distillation; a dfl student and a teacher with one anchor per location)"
+    )
     auto: AutoWeightConfig = Field(AutoWeightConfig(), description="how terms with weight: auto get their weight")
     cache: TeacherCacheConfig = Field(TeacherCacheConfig(), description="teacher outputs computed once per augmented view "
                                       "and read back, instead of a teacher pass on every batch (kdet.distill.cache)")

@@ -77,6 +77,19 @@ def teacher_checkpoint(shapes_voc, tmp_path_factory) -> Path:
     return out / "best.pt"
 
 
+@pytest.fixture(scope="session")
+def dfl_teacher_checkpoint(shapes_voc, tmp_path_factory) -> Path:
+    """As :func:`teacher_checkpoint`, with the anchor-free DFL head."""
+    from kdet.config import validate_config
+    from kdet.engine.trainer import train
+
+    config = tiny_config_dict(shapes_voc, epochs=1)
+    config["model"].update(size="t", head="dfl")
+    out = tmp_path_factory.mktemp("dfl_teacher")
+    train(validate_config(config), out, log=lambda _: None, progress=False)
+    return out / "best.pt"
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
     """Tiny models gain nothing from several threads; one keeps timings steady on shared CPUs."""

@@ -138,10 +138,10 @@ def _tensor(output: DetectorOutput, group: str, name: str) -> Tensor:
 
 
 def needed_groups(report: PairingReport) -> list[str]:
-    """The groups the active terms of ``report`` read: ``head`` for response terms and terms
-    that read the teacher's quality, one ``feature.<teacher feature>`` per feature a feature term
+    """The groups the active terms of ``report`` read: ``head`` for response terms, terms that
+    read the teacher's quality and a student assigning from the teacher, one ``feature.<teacher feature>`` per feature a feature term
     reads."""
-    groups = []
+    groups = ["head"] if report.assign_from_teacher else []
     for plan in report.terms:
         if not plan.active:
             continue

@@ -58,7 +58,7 @@ def load_teacher(config: TeacherConfig, class_names: list[str], input_size: int)
             raise ConfigError(f"teacher.checkpoint: {error}") from None
         trained_size = config.input_size or int(payload["input_size"])
     elif config.model:
-        if config.model.family == "yolo" and config.model.anchors == "auto":
+        if config.model.family == "yolo" and config.model.head == "anchor" and config.model.anchors == "auto":
             raise ConfigError("teacher.model.anchors: 'auto' is only for training; give the anchors the teacher was trained "
                               "with (or 'default')")
         if not config.weights:
@@ -96,7 +96,7 @@ class Distiller(TrainStep):
 
     def __init__(
         self, student: Detector, teacher: Detector, report: PairingReport, hard_weight: float = 1.0, *, schedule: str = "constant",
-        final_ratio: float = 0.0, cached: CachedTeacher | None = None, stop_epoch: int | None = None,
+        final_ratio: float = 0.0, cached: CachedTeacher | None = None, stop_epoch: int | None = None, assign: str = "own",
         auto: AutoWeightConfig | None = None, log: Callable[[str], None] | None = None, auto_weights_file: Path | None = None,
     ) -> None:
         super().__init__(student)
@@ -112,6 +112,7 @@ class Distiller(TrainStep):
         self.schedule = schedule
         self.final_ratio = final_ratio
         self.stop_epoch = stop_epoch
+        self.assign_from_teacher = assign == "teacher"
         self.auto = auto or AutoWeightConfig()
         self.log = log or (lambda _: None)
         self.auto_weights_file = auto_weights_file
@@ -175,7 +176,7 @@ class Distiller(TrainStep):
     @property
     def distilling(self) -> bool:
         """Whether the terms apply in the current epoch (``stop_epoch``)."""
-        return bool(self.plans) and (self.stop_epoch is None or self.epoch <= self.stop_epoch)
+        return (bool(self.plans) or self.assign_from_teacher) and (self.stop_epoch is None or self.epoch <= self.stop_epoch)
 
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)
@@ -209,12 +210,16 @@ class Distiller(TrainStep):
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         if not bool(batch.labelled.all()):
             raise ValueError("Distiller: every image of the batch must be labelled")
-        out = self.student(batch.images, batch.targets)
+        if not self.distilling:
+            out = self.student(batch.images, batch.targets)
+            return self.hard_weight * out.loss, {f"det_{k}": v.detach() for k, v in out.losses.items()}
+        teacher_out = self.teacher_outputs(batch.images, batch.indices)
+        if self.assign_from_teacher:
+            out = self.student(batch.images, batch.targets, assign_from=self.assignment_levels(teacher_out))
+        else:
+            out = self.student(batch.images, batch.targets)
         losses = {f"det_{k}": v.detach() for k, v in out.losses.items()}
         total = self.hard_weight * out.loss
-        if not self.distilling:
-            return total, losses
-        teacher_out = self.teacher_outputs(batch.images, batch.indices)
         context = BatchContext(batch, out, teacher_out, self)
         factor = self.weight_factor()
         for plan in self.plans:
@@ -224,6 +229,15 @@ class Distiller(TrainStep):
         if self.schedule != "constant":
             losses["kd_weight_factor"] = torch.tensor(factor)
         return total, losses
+
+    def assignment_levels(self, teacher: DetectorOutput) -> list:
+        """The teacher's head levels the student's assignment reads (``distill.assign:
+        teacher``): one per student level, of the same stride, with the student's classes."""
+        by_stride = {level.stride: level for level in teacher.head}
+        levels = [by_stride[level.stride] for level in self.report.student.levels]
+        if self._teacher_classes is not None:
+            levels = [replace(level, cls_logits=level.cls_logits[:, :, self._teacher_classes]) for level in levels]
+        return levels
 
     def term_weight(self, plan: TermPlan, value: Tensor, detection_loss: Tensor) -> float:
         """A term's weight: its configured number, or for ``weight: auto`` the running mean of

@@ -83,9 +83,10 @@ class DistillLoss:
     fn: Callable[..., Tensor]
     kind: str
     connector: str | None = "conv"
-    box_space: str = "auto"  # response losses: "raw" maps only, or "auto": raw when the heads agree, else decoded
+    box_space: str = "auto"  # response losses: "raw" maps only, "decoded" always, or "auto": raw when the heads agree, else decoded
     levels: str = "each"
     module: Callable[..., nn.Module] | None = None
+    needs_box_dist: bool = False  # response losses that read both heads' box distributions (DFL heads)
 
     @property
     def context(self) -> list[str]:
@@ -249,6 +250,96 @@ def objectness_scaled(
         weights.append(t.quality)
     obj = sum(v.sum() for v in obj_values) / sum(v.numel() for v in obj_values)
     return obj_weight * obj + cls_weight * _weighted_mean(cls_values, weights) + box_weight * _weighted_mean(box_values, weights)
+
+
+@register("soft_bce", "response")
+def soft_bce(student: list[ResponseLevel], teacher: list[ResponseLevel], *, beta: float = 2.0) -> Tensor:
+    """The student's class logits learn the teacher's class probabilities with a binary cross
+    entropy on soft targets, each (location, class) weighted by ``|p_s - p_t|^beta`` as the
+    quality focal loss does, summed and divided by the sum of the teacher's probabilities (at
+    least 1): where the teacher is sure of background both are near 0 and the pair counts little,
+    so the flood of empty locations does not drown the objects.
+
+    Paired with ``distill.assign: teacher`` (the student's own loss takes its positives and
+    their targets from the teacher's assignment) it is PP-YOLOE+'s distillation recipe for
+    one-stage detectors; on its own it distils the class branch of any head.
+
+    Reference: Li et al., "Generalized Focal Loss", NeurIPS 2020 (quality focal loss); Xu et al.,
+    "PP-YOLOE: An evolved version of YOLO", arXiv:2203.16250 (2022) and PaddleDetection's
+    ``ppyoloe_plus_distill`` (soft-label class distillation); Nguyen et al., "Improving Object
+    Detection by Label Assignment Distillation", WACV 2022.
+    """
+    if beta < 0:
+        raise ValueError(f"soft_bce: beta must be >= 0, got {beta}")
+    total, normaliser = 0.0, 0.0
+    for s, t in zip(student, teacher):
+        target = t.cls_logits.sigmoid()
+        weight = (s.cls_logits.sigmoid() - target).abs().pow(beta)
+        total = total + (F.binary_cross_entropy_with_logits(s.cls_logits, target, reduction="none") * weight).sum()
+        normaliser = normaliser + target.sum()
+    return total / torch.clamp(torch.as_tensor(normaliser), min=1.0)
+
+
+@register("ld", "response", box_space="decoded", needs_box_dist=True)
+def ld(
+    student: list[ResponseLevel],
+    teacher: list[ResponseLevel],
+    *,
+    assignment: list[Tensor],
+    gt_boxes: list[Tensor],
+    strides: list[int],
+    temperature: float = 10.0,
+    vlr_weight: float = 1.0,
+) -> Tensor:
+    """Localization distillation: KL divergence between the teacher's and the student's
+    distribution of every box edge, softened with ``temperature``, times ``T^2``, averaged over
+    the four edges and over the locations of two regions:
+
+    * the main distillation region: the student's positive locations (its own assignment);
+    * the valuable localization region: locations that are not positives but whose cell centre
+      lies inside a ground-truth box, where the teacher's box knowledge is still informative
+      (the paper selects them by anchor IoU; an anchor-free head has no anchor box, so kdet uses
+      the object's extent), weighted by ``vlr_weight``.
+
+    Each region's mean counts separately, so the many VLR locations do not drown the positives;
+    a region without locations adds 0. Needs box distributions on both sides (DFL heads, same
+    number of bins): ``box_dist`` ``[N, A, 4, R, H, W]``.
+
+    Reference: Zheng et al., "Localization Distillation for Dense Object Detection", CVPR 2022
+    (arXiv:2102.12252).
+    """
+    if temperature <= 0:
+        raise ValueError(f"ld: temperature must be positive, got {temperature}")
+    main_sum, main_count, vlr_sum, vlr_count = 0.0, 0.0, 0.0, 0.0
+    for s, t, owner, stride in zip(student, teacher, assignment, strides):
+        if s.box_dist is None or t.box_dist is None:
+            raise ValueError("ld: both heads need box distributions (box_dist); use DFL heads")
+        t_log = F.log_softmax(t.box_dist / temperature, 3)
+        s_log = F.log_softmax(s.box_dist / temperature, 3)
+        divergence = (t_log.exp() * (t_log - s_log)).sum(3).mean(2) * temperature**2  # [N, A, H, W]
+        positive = (owner >= 0).to(divergence.dtype)
+        inside = _inside_boxes(gt_boxes, stride, tuple(divergence.shape[-2:])).to(divergence.dtype)  # [N, 1, H, W]
+        valuable = inside * (1 - positive)
+        main_sum, main_count = main_sum + (divergence * positive).sum(), main_count + positive.sum()
+        vlr_sum, vlr_count = vlr_sum + (divergence * valuable).sum(), vlr_count + valuable.sum()
+    main = main_sum / torch.clamp(torch.as_tensor(main_count), min=1.0)
+    vlr = vlr_sum / torch.clamp(torch.as_tensor(vlr_count), min=1.0)
+    return main + vlr_weight * vlr
+
+
+def _inside_boxes(gt_boxes: list[Tensor], stride: int, grid: tuple[int, int]) -> Tensor:
+    """``bool [N, 1, H, W]``: whether each cell's centre lies inside one of its image's boxes."""
+    height, width = grid
+    device = gt_boxes[0].device if gt_boxes else torch.device("cpu")
+    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) * stride
+    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) * stride
+    out = []
+    for boxes in gt_boxes:
+        boxes = boxes.reshape(-1, 4).float()
+        inside_x = (xs[None] > boxes[:, 0:1]) & (xs[None] < boxes[:, 2:3])  # [M, W]
+        inside_y = (ys[None] > boxes[:, 1:2]) & (ys[None] < boxes[:, 3:4])  # [M, H]
+        out.append((inside_y[:, :, None] & inside_x[:, None, :]).any(0)[None])  # [1, H, W]
+    return torch.stack(out)
 
 
 def _box_scale(ltrb: Tensor) -> Tensor:

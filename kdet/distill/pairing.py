@@ -75,6 +75,7 @@ class PairingReport:
     terms: list[TermPlan]
     notes: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    assign_from_teacher: bool = False  # distill.assign: teacher
 
     @property
     def ok(self) -> bool:
@@ -126,6 +127,8 @@ def pair(teacher: ModelSpec, student: ModelSpec, settings: DistillSettings, *, t
         if "assignment" in loss.context and not student.assigns:
             report.errors.append(f"{plan.key}: {term.loss} reads the student's own target assignment, which the "
                                  f"{student.family} student does not expose; use a yolo student")
+        if loss.needs_box_dist:
+            _check_box_dist(report, plan)
         if loss.kind == "response":
             _pair_response(report, plan, loss.box_space)
         else:
@@ -143,6 +146,9 @@ def pair(teacher: ModelSpec, student: ModelSpec, settings: DistillSettings, *, t
         if loss.module is not None:
             plan.notes.append(f"{term.loss} trains a module of its own beside the student")
         report.terms.append(plan)
+    if settings.assign == "teacher":
+        report.assign_from_teacher = True
+        _pair_assignment(report)
     if settings.terms and not any(plan.active for plan in report.terms):
         report.notes.append("every term is switched off (enabled, distill.response, distill.features): this run trains "
                             "the student on its labels only")
@@ -245,6 +251,8 @@ def _pair_response(report: PairingReport, plan: TermPlan, box_space: str) -> Non
             report.errors.append(f"{where}: {plan.config.loss} compares raw head maps one to one, but {why}. {fix}.")
             return
         plan.box_space = "raw"
+    elif box_space == "decoded":
+        plan.box_space = "decoded"
     else:
         plan.box_space = "decoded" if anchors_differ or boxes_differ else "raw"
     if anchors_differ:
@@ -258,6 +266,48 @@ def _pair_response(report: PairingReport, plan: TermPlan, box_space: str) -> Non
     pairs = ", ".join(f"{student.levels[s].name}<-{teacher.levels[t].name}" for s, t in plan.level_pairs)
     plan.notes.insert(0, f"levels paired by stride: {pairs}; boxes compared as "
                          + ("raw head outputs" if plan.box_space == "raw" else "distances to the box edges in strides"))
+
+
+def _pair_assignment(report: PairingReport) -> None:
+    """``distill.assign: teacher``: the student's task-aligned assignment reads the teacher's
+    class scores and boxes, so every student level needs a teacher level of its stride and grid
+    with one anchor per location and boxes as edge distances."""
+    teacher, student = report.teacher, report.student
+    if any(level.box_format != "ltrb_center" for level in student.levels):
+        report.errors.append("distill.assign: teacher needs a student whose assignment reads predictions (model.head: dfl, "
+                             f"task-aligned); this student's head assigns by anchor shape ({student.levels[0].box_format} boxes). "
+                             "Set model.head: dfl or leave distill.assign: own")
+        return
+    by_stride = {level.stride: level for level in teacher.levels}
+    for level in student.levels:
+        partner = by_stride.get(level.stride)
+        if partner is None or partner.grid != level.grid:
+            report.errors.append(f"distill.assign: teacher: the student's level {level.name} (stride {level.stride}) has no teacher "
+                                 f"level of the same stride and grid; the teacher's strides are {_strides(teacher.levels)}")
+        elif partner.num_anchors != 1 or partner.box_format not in ("ltrb", "ltrb_center"):
+            report.errors.append(f"distill.assign: teacher: the teacher's level {partner.name} has {partner.num_anchors} anchors "
+                                 f"and {partner.box_format} boxes; the assignment reads heads with one anchor per location and "
+                                 f"edge-distance boxes (dfl or fcos teachers)")
+    if not any("distill.assign" in error for error in report.errors):
+        report.notes.append("assignment: the student's positives and their soft class targets come from the teacher's scores "
+                            "and boxes (distill.assign: teacher)")
+
+
+def _check_box_dist(report: PairingReport, plan: TermPlan) -> None:
+    """Losses on box distributions need them on both sides, with the same number of bins."""
+    sides = {"teacher": report.teacher, "student": report.student}
+    lacking = [side for side, spec in sides.items() if any(level.box_bins is None for level in spec.levels)]
+    if lacking:
+        report.errors.append(
+            f"{plan.key}: {plan.config.loss} distils box-edge distributions, which the {' and the '.join(lacking)} "
+            f"head{'s' if len(lacking) > 1 else ''} do{'' if len(lacking) > 1 else 'es'} not have (only model.head: dfl "
+            f"predicts them). Use a dfl head on both sides, or objectness_scaled / kl, which compare decoded boxes and scores."
+        )
+        return
+    bins = {side: sorted({level.box_bins for level in spec.levels}) for side, spec in sides.items()}
+    if bins["teacher"] != bins["student"]:
+        report.errors.append(f"{plan.key}: {plan.config.loss} compares box distributions bin by bin, but the teacher has "
+                             f"{bins['teacher']} bins per edge and the student {bins['student']}; use heads with the same bins")
 
 
 def _same_anchors(a, b) -> bool:
@@ -375,8 +425,8 @@ def response_level(level: HeadLevel, box_space: str, classes: list[int] | None) 
     if classes is not None:
         level = replace(level, cls_logits=level.cls_logits[:, :, classes])
     if box_space == "raw":
-        return ResponseLevel(level.cls_logits, level.box, level.score, level_quality(level), "raw")
-    return ResponseLevel(level.cls_logits, ltrb_in_strides(level), level.score, level_quality(level), "ltrb")
+        return ResponseLevel(level.cls_logits, level.box, level.score, level_quality(level), "raw", level.box_dist)
+    return ResponseLevel(level.cls_logits, ltrb_in_strides(level), level.score, level_quality(level), "ltrb", level.box_dist)
 
 
 def pick_best_anchor(level: ResponseLevel, num_anchors: int) -> ResponseLevel:

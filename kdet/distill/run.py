@@ -56,6 +56,7 @@ def distill(config: DistillConfig, out_dir: str | Path, *, resume: bool = False,
             made["cache"] = record_cache_build(out_dir, stats)
         return Distiller(student, teacher[0], report, config.distill.hard_weight, schedule=config.distill.schedule,
                          final_ratio=config.distill.final_ratio, cached=cached, stop_epoch=config.distill.stop_epoch,
+                         assign=config.distill.assign,
                          auto=config.distill.auto, log=run_log, auto_weights_file=out_dir / "auto_weights.json")
 
     results = train(config, out_dir, resume=resume, log=log, progress=progress, step=build)

@@ -74,7 +74,7 @@ def resolve_model_config(config: Config, index: DatasetIndex, log: Log) -> Model
     default anchors when they can be assigned to at least 98% of the training boxes, otherwise
     fit new ones with k-means."""
     model = config.model
-    if model.family != "yolo" or model.anchors != "auto":
+    if model.family != "yolo" or model.head != "anchor" or model.anchors != "auto":
         return model
     size = config.data.input_size
     sizes = np.concatenate(

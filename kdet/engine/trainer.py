@@ -267,7 +267,8 @@ def train(
     tidy_run_dir(out_dir, state.epoch, log)  # what a run killed mid-write left behind
 
     params = sum(p.numel() for p in model.parameters())
-    log(f"model: {model_config.family}/{model_config.backbone}-{model_config.size}, {params / 1e6:.2f}M parameters; "
+    head = f", {model_config.head} head" if model_config.family == "yolo" else ""
+    log(f"model: {model_config.family}/{model_config.backbone}-{model_config.size}{head}, {params / 1e6:.2f}M parameters; "
         f"{len(train_set)} train / {len(val_set)} val images at {size}px on {device}")
     eval_kwargs = eval_settings(config)
 

@@ -18,7 +18,17 @@ from kdet.structures import HeadLevel
 
 # the losses that read only the two models' outputs; those that ask for context (ground truth,
 # strides, modules) get the same checks with their context in test_feature_losses.py
-LOSS_NAMES = [name for name in DISTILL_LOSSES.names() if DISTILL_LOSSES.get(name).fn.__module__ == "kdet.distill.losses"]
+def _needs_context(name: str) -> bool:
+    """Whether the loss cannot run without context (a context parameter with no default)."""
+    import inspect
+
+    params = inspect.signature(DISTILL_LOSSES.get(name).fn).parameters
+    return any(params[c].default is inspect.Parameter.empty for c in DISTILL_LOSSES.get(name).context)
+
+
+LOSS_NAMES = [name for name in DISTILL_LOSSES.names()
+              if DISTILL_LOSSES.get(name).fn.__module__ == "kdet.distill.losses" and not _needs_context(name)]
+CONTEXT_RESPONSE_NAMES = ["ld"]  # response losses with context: checked by hand below
 FIELDS = ("cls_logits", "box", "score", "quality")
 
 
@@ -81,7 +91,7 @@ def loss_fn(name: str):
 def test_every_loss_has_a_known_kind_and_hand_computed_check():
     from test_feature_losses import NAMES as CONTEXT_LOSS_NAMES
 
-    assert sorted(LOSS_NAMES + CONTEXT_LOSS_NAMES) == DISTILL_LOSSES.names()  # every registered loss is checked
+    assert sorted(LOSS_NAMES + CONTEXT_LOSS_NAMES + CONTEXT_RESPONSE_NAMES) == DISTILL_LOSSES.names()  # every loss is checked
     assert set(LOSS_NAMES) == set(BATCH_AVERAGING) == set(HAND_COMPUTED)
     for name in LOSS_NAMES:
         assert DISTILL_LOSSES.get(name).kind in {"response", "feature"}
@@ -111,6 +121,7 @@ READS = {
     "l2_logits": {"cls_logits", "box", "score"},
     "kl": {"cls_logits"},
     "objectness_scaled": {"cls_logits", "box", "score"},  # score through quality = sigmoid(score)
+    "soft_bce": {"cls_logits"},
 }
 
 
@@ -162,7 +173,8 @@ def test_kl_is_zero_when_only_the_class_logits_agree():
 
 # "mean": the value on a batch is the mean of the values on each image;
 # "weighted": a weighted mean over locations, unchanged when the batch is repeated
-BATCH_AVERAGING = {"l2_logits": "mean", "fitnet": "mean", "kl": "weighted", "objectness_scaled": "weighted"}
+BATCH_AVERAGING = {"l2_logits": "mean", "fitnet": "mean", "kl": "weighted", "objectness_scaled": "weighted",
+                   "soft_bce": "weighted"}
 
 
 @pytest.mark.parametrize("name", LOSS_NAMES)
@@ -345,7 +357,7 @@ def test_fitnet_by_hand():
 
 
 # losses whose formula a *_by_hand test above checks
-HAND_COMPUTED = {"l2_logits", "kl", "objectness_scaled", "fitnet"}
+HAND_COMPUTED = {"l2_logits", "kl", "objectness_scaled", "fitnet", "soft_bce"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,3 +481,69 @@ def test_objectness_scaled_component_weights_and_decoded_boxes_by_hand():
     teacher.box_space = student.box_space = "ltrb"  # decoded: differences relative to the teacher box size
     decoded = loss_fn("objectness_scaled")([student], [teacher])
     assert decoded.item() == pytest.approx(obj + cls + raw_box / 16, rel=1e-6)
+
+
+def test_soft_bce_by_hand():
+    # one location, two classes: student logits (0, 2), teacher logits (1, -1)
+    student = [hand_level([[0.0, 2.0]], [[0.0] * 4])]
+    teacher = [hand_level([[1.0, -1.0]], [[0.0] * 4])]
+    expected_sum, teacher_sum = 0.0, 0.0
+    for s_logit, t_logit in ((0.0, 1.0), (2.0, -1.0)):
+        p_s, p_t = sigmoid(s_logit), sigmoid(t_logit)
+        bce = -(p_t * math.log(p_s) + (1 - p_t) * math.log(1 - p_s))
+        expected_sum += abs(p_s - p_t) ** 2 * bce
+        teacher_sum += p_t
+    value = loss_fn("soft_bce")(student, teacher)
+    assert value.item() == pytest.approx(expected_sum / max(teacher_sum, 1.0), rel=1e-5)
+    # beta 0: plain soft BCE, the same normaliser
+    plain = sum(-(sigmoid(t) * math.log(sigmoid(s)) + (1 - sigmoid(t)) * math.log(1 - sigmoid(s))) for s, t in ((0.0, 1.0), (2.0, -1.0)))
+    assert loss_fn("soft_bce")(student, teacher, beta=0.0).item() == pytest.approx(plain / max(teacher_sum, 1.0), rel=1e-5)
+    with pytest.raises(ValueError, match="beta must be >= 0"):
+        loss_fn("soft_bce")(student, teacher, beta=-1)
+
+
+def ld_level(dist_rows, cells: int = 2) -> ResponseLevel:
+    """One image, one anchor, a 1 x ``cells`` grid, 2 bins per edge: ``dist_rows[cell]`` is the
+    (bin 0, bin 1) logits of all four edges at that cell."""
+    dist = torch.tensor(dist_rows, dtype=torch.float32)  # [cells, 2]
+    box_dist = dist.T[None, None, None, :, None, :].expand(1, 1, 4, 2, 1, cells).clone()  # [1, 1, 4, 2, 1, cells]
+    zeros = torch.zeros(1, 1, 4, 1, cells)
+    return ResponseLevel(torch.zeros(1, 1, 1, 1, cells), zeros, None, torch.ones(1, 1, 1, 1, cells), "ltrb", box_dist)
+
+
+def test_ld_by_hand():
+    ld = loss_fn("ld")
+    student = [ld_level([[0.0, 0.0], [1.0, 0.0]])]
+    teacher = [ld_level([[2.0, 0.0], [0.0, 3.0]])]
+    # cell 0 is the student's positive; the box covers both cell centres (4, 4) and (12, 4) at stride 8
+    assignment = [torch.tensor([[[[0, -1]]]])]
+    boxes = [torch.tensor([[0.0, 0.0, 16.0, 8.0]])]
+
+    def kl(t, s, temperature):
+        pt = softmax([x / temperature for x in t])
+        ps = softmax([x / temperature for x in s])
+        return sum(a * (math.log(a) - math.log(b)) for a, b in zip(pt, ps)) * temperature**2
+
+    for temperature, vlr_weight in ((1.0, 1.0), (10.0, 0.5)):
+        expected = kl([2.0, 0.0], [0.0, 0.0], temperature) + vlr_weight * kl([0.0, 3.0], [1.0, 0.0], temperature)
+        value = ld(student, teacher, assignment=assignment, gt_boxes=boxes, strides=[8], temperature=temperature, vlr_weight=vlr_weight)
+        assert value.item() == pytest.approx(expected, rel=1e-5)
+    # a box that leaves cell 1 outside: only the main region counts
+    small = [torch.tensor([[0.0, 0.0, 8.0, 8.0]])]
+    value = ld(student, teacher, assignment=assignment, gt_boxes=small, strides=[8], temperature=1.0)
+    assert value.item() == pytest.approx(kl([2.0, 0.0], [0.0, 0.0], 1.0), rel=1e-5)
+    # an image without boxes or positives: 0, still in the graph
+    leaf = ld_level([[0.0, 0.0], [1.0, 0.0]])
+    leaf.box_dist.requires_grad_(True)
+    empty = ld([leaf], teacher, assignment=[torch.full((1, 1, 1, 2), -1)], gt_boxes=[torch.zeros((0, 4))], strides=[8])
+    assert empty.item() == 0.0 and empty.requires_grad
+    # the same distributions give 0; gradients reach the student's distributions only
+    same = ld([leaf], [ld_level([[0.0, 0.0], [1.0, 0.0]])], assignment=assignment, gt_boxes=boxes, strides=[8])
+    assert same.item() == pytest.approx(0.0, abs=1e-7)
+    ld([leaf], teacher, assignment=assignment, gt_boxes=boxes, strides=[8]).backward()
+    assert leaf.box_dist.grad is not None and leaf.box_dist.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        ld(student, teacher, assignment=assignment, gt_boxes=boxes, strides=[8], temperature=0)
+    with pytest.raises(ValueError, match="box distributions"):
+        no_dist = ResponseLevel(*(getattr(student[0], f) for f in FIELDS))
+        ld([no_dist], teacher, assignment=assignment, gt_boxes=boxes, strides=[8])

@@ -60,7 +60,16 @@ def response(loss: str, **fields) -> TermConfig:
     return TermConfig(loss=loss, **fields)
 
 
-RESPONSE_LOSSES = [name for name in DISTILL_LOSSES.names() if DISTILL_LOSSES.get(name).kind == "response"]
+# the response losses any head can feed (ld reads box distributions: DFL heads only, tested below)
+RESPONSE_LOSSES = [name for name in DISTILL_LOSSES.names()
+                   if DISTILL_LOSSES.get(name).kind == "response" and not DISTILL_LOSSES.get(name).needs_box_dist]
+
+
+def test_ld_needs_box_distributions_on_both_sides():
+    report = check("yolo_s", "yolo_p", response("ld"))
+    assert not report.ok
+    assert "the teacher and the student heads do not have (only model.head: dfl predicts them)" in report.errors[0]
+    assert "objectness_scaled / kl" in report.errors[0]
 
 
 # ---------------------------------------------------------------------------------------------

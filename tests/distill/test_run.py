@@ -248,3 +248,71 @@ def test_zero_weight_distillation_reproduces_the_baseline_exactly(shapes_voc, te
     b = torch.load(tmp_path / "kd" / "last.pt", weights_only=False)["model"]
     for key, value in a.items():
         assert torch.equal(value, b[key]), key
+
+
+def term_for(name: str) -> dict:
+    """A term of every registered loss: response losses on the head, feature losses on every neck level."""
+    from kdet.distill.losses import DISTILL_LOSSES
+
+    entry = DISTILL_LOSSES.get(name)
+    return {"loss": name, "weight": 1.0} if entry.kind == "response" else {"loss": name, "student": "neck", "weight": "auto"}
+
+
+@pytest.mark.parametrize("name", __import__("kdet.distill.losses", fromlist=["DISTILL_LOSSES"]).DISTILL_LOSSES.names())
+def test_every_loss_distils_one_epoch_end_to_end(name, shapes_voc, teacher_checkpoint, dfl_teacher_checkpoint, tmp_path):
+    """Each registered loss through kdet distill: the term is logged, finite, and its trainable
+    parts (connectors, loss modules, auto weight) are saved with the run. Losses on box
+    distributions distil a DFL teacher into a DFL student, the others an anchor-head pair."""
+    import math
+
+    from kdet.distill.losses import DISTILL_LOSSES
+
+    dfl = DISTILL_LOSSES.get(name).needs_box_dist
+    data = distill_dict(shapes_voc, dfl_teacher_checkpoint if dfl else teacher_checkpoint, terms=[term_for(name)])
+    if dfl:
+        data["model"]["head"] = "dfl"
+    data["distill"]["auto"] = {"steps": 1}
+    out = tmp_path / "run"
+    distill(validate_config(data, schema=DistillConfig), out, log=quiet, progress=False)
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert math.isfinite(record[f"loss_kd0_{name}"])
+    saved = torch.load(out / "last.pt", weights_only=False)["objective"]
+    if term_for(name)["weight"] == "auto":
+        assert saved["auto_weight.0"][0] > 0
+
+
+def test_student_assigns_from_the_teacher(shapes_voc, dfl_teacher_checkpoint, teacher_checkpoint, tmp_path, capsys):
+    """distill.assign: teacher (PP-YOLOE+'s recipe with soft_bce): a DFL student takes its positives
+    from the teacher's predictions; an anchor-head student or teacher is refused before training."""
+    data = distill_dict(shapes_voc, dfl_teacher_checkpoint, terms=[{"loss": "soft_bce", "weight": 1.0}])
+    data["model"]["head"] = "dfl"
+    data["distill"]["assign"] = "teacher"
+    out = tmp_path / "run"
+    distill(validate_config(data, schema=DistillConfig), out, log=quiet, progress=False)
+    pairing = json.loads((out / "pairing.json").read_text())
+    assert any("come from the teacher's scores" in note for note in pairing["notes"])
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"loss_det_cls", "loss_det_box", "loss_det_dfl", "loss_kd0_soft_bce"} <= set(record)
+
+    # the assignment really is the teacher's: the student's loss equals its loss with assign_from
+    from kdet.distill.distiller import Distiller, check_pairing, load_teacher
+    from kdet.engine.checkpoint import load_detector
+    from kdet.engine.step import Batch
+
+    config = validate_config(data, schema=DistillConfig)
+    student, _ = load_detector(out / "best.pt")
+    teacher = load_teacher(config.teacher, student.class_names, 64)
+    _, report = check_pairing(config, student, student.class_names, teacher=teacher)
+    step = Distiller(student, teacher[0], report, hard_weight=1.0, assign="teacher").eval()
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0]]), "labels": torch.tensor([1])}] * 2
+    _, losses = step(Batch.of(images, targets))
+    expected = student(images, targets, assign_from=teacher[0](images).head).losses
+    assert torch.allclose(losses["det_cls"], expected["cls"]) and torch.allclose(losses["det_box"], expected["box"])
+
+    anchor = distill_dict(shapes_voc, teacher_checkpoint, terms=[{"loss": "soft_bce"}])
+    anchor["distill"]["assign"] = "teacher"
+    path = write_yaml(tmp_path / "anchor.yaml", anchor)
+    capsys.readouterr()
+    assert main(["check", str(path)]) == 1
+    assert "distill.assign: teacher needs a student whose assignment reads predictions" in capsys.readouterr().out
