@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The distillation methods against their paired baseline student on one test bed, for the seeds
+# and arms given. Every arm is the bed's distillation config with the terms below; the baseline
+# is `kdet train` on the same config (the student alone: same data, schedule and seed). The
+# teacher's outputs are read from a teacher cache in OUT_DIR/teacher_cache (one subdirectory per
+# seed; built by the first run that needs it). Validation every 4 epochs, 1 thread per run.
+# Resumable (see queue.sh): finished runs are skipped, interrupted ones resumed.
+#   benchmarks/prove.sh BED OUT_DIR "SEEDS" ARM...       BED: bccd_p | cs_p
+#   e.g. benchmarks/prove.sh bccd_p runs/prove_bccd "0 1 2" baseline recipe pkd
+# then: python benchmarks/paired.py OUT_DIR baseline ARM...
+set -euo pipefail
+BED=$1; OUT=$2; SEEDS=$3; shift 3
+KDET=${KDET:-kdet}
+PARALLEL=${PARALLEL:-1}
+case $BED in
+  bccd_p) TRAIN="bccd_student"; DISTILL="bccd_distill"; BED_SET="--set model.size=p" ;;
+  cs_p) TRAIN="benchmarks/configs/cs_student.yaml"; DISTILL="benchmarks/configs/cs_distill.yaml"; BED_SET="" ;;
+  *) echo "unknown test bed $BED (bccd_p, cs_p)"; exit 2 ;;
+esac
+RECIPE="{loss: objectness_scaled, args: {box_weight: 0.05}}"
+declare -A TERMS=(
+  [recipe]="[$RECIPE]"
+  [pkd]="[{loss: pkd, student: neck, weight: auto}]"
+  [cwd]="[{loss: cwd, student: neck, weight: auto}]"
+  [fgd]="[{loss: fgd, student: neck, weight: auto}]"
+  [mgd]="[{loss: mgd, student: neck, weight: auto}]"
+  [score_l2]="[{loss: score_l2, student: neck, weight: auto}]"
+  [relation]="[{loss: relation, student: neck, weight: auto}]"
+  [fitnet_gt]="[{loss: fitnet, student: neck, mask: gt, weight: auto}]"
+  [recipe_pkd]="[$RECIPE, {loss: pkd, student: neck, weight: auto}]"
+  [recipe_cwd]="[$RECIPE, {loss: cwd, student: neck, weight: auto}]"
+)
+COMMON="--set train.threads=1 --set train.eval_every=4 $BED_SET"
+mkdir -p "$OUT"
+jobs=()
+for seed in $SEEDS; do
+  for arm in "$@"; do
+    if [ "$arm" = baseline ]; then
+      jobs+=("$KDET train $TRAIN $COMMON --set seed=$seed --out $OUT/baseline-s$seed")
+    elif [ -n "${TERMS[$arm]:-}" ]; then
+      jobs+=("$KDET distill $DISTILL $COMMON --set seed=$seed --set 'distill.terms=${TERMS[$arm]}' --teacher-cache $OUT/teacher_cache --out $OUT/$arm-s$seed")
+    else
+      echo "unknown arm $arm (baseline ${!TERMS[*]})"; exit 2
+    fi
+  done
+done
+source "$(dirname "$0")/queue.sh"
+run_queue "$PARALLEL" "${jobs[@]}"
