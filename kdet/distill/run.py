@@ -15,6 +15,7 @@ from ..structures import DatasetIndex
 from .cache import CachedTeacher
 from .distiller import Distiller, check_pairing, load_teacher
 from .pairing import PairingReport
+from .recipe import with_default_recipe
 
 Log = Callable[[str], None]
 
@@ -24,9 +25,12 @@ def check(config: DistillConfig, log: Log = print) -> PairingReport:
     from ..engine.trainer import load_data, resolve_model_config
     from ..models import build_model
 
+    config, recipe = with_default_recipe(config, log)
     index = load_data(config, log)
     student = build_model(resolve_model_config(config, index, log), index.class_names, config.data.input_size)
     _, report = check_pairing(config, student, index.class_names)
+    if recipe is not None:
+        report.notes.insert(0, f"recipe: distill.terms is empty, so the default recipe {recipe.name}: {recipe.why}")
     return report
 
 
@@ -39,6 +43,7 @@ def distill(config: DistillConfig, out_dir: str | Path, *, resume: bool = False,
     out_dir = Path(out_dir)
     made: dict = {}
     check_cache_settings(config)
+    config, _ = with_default_recipe(config, log)
 
     def build(student, index: DatasetIndex, train_set: DetectionDataset, run_log: Log) -> Distiller:
         teacher = load_teacher(config.teacher, index.class_names, config.data.input_size)
@@ -93,6 +98,7 @@ def build_cache(config: DistillConfig, log: Log = print) -> dict:
     check_cache_settings(config)
     if not config.distill.cache.dir:
         raise ConfigError("no cache directory; pass --teacher-cache DIR (or set distill.cache.dir)")
+    config, _ = with_default_recipe(config, log)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     index = load_data(config, log)

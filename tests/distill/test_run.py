@@ -316,3 +316,28 @@ def test_student_assigns_from_the_teacher(shapes_voc, dfl_teacher_checkpoint, te
     capsys.readouterr()
     assert main(["check", str(path)]) == 1
     assert "distill.assign: teacher needs a student whose assignment reads predictions" in capsys.readouterr().out
+
+
+def test_a_config_without_terms_gets_the_default_recipe(shapes_voc, teacher_checkpoint, dfl_teacher_checkpoint, tmp_path, capsys):
+    data = distill_dict(shapes_voc, teacher_checkpoint)
+    data["distill"] = {}
+    path = write_yaml(tmp_path / "kd.yaml", data)
+    assert main(["check", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "default recipe objectness_scaled+pkd" in text and "pairing: OK" in text
+    out = tmp_path / "run"
+    distill(validate_config(data, schema=DistillConfig), out, log=quiet, progress=False)
+    recorded = yaml.safe_load((out / "config.yaml").read_text())["distill"]["terms"]
+    assert [t["loss"] for t in recorded] == ["objectness_scaled", "pkd"] and recorded[1]["weight"] == "auto"
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"loss_kd0_objectness_scaled", "loss_kd1_pkd"} <= set(record)
+    # resuming the run re-derives the same terms, so the configs agree
+    distill(validate_config({**data, "train": {**data["train"], "epochs": 2}}, schema=DistillConfig), out, resume=True,
+            log=quiet, progress=False)
+
+    # two DFL heads: localization distillation and soft class scores
+    dfl = distill_dict(shapes_voc, dfl_teacher_checkpoint)
+    dfl["distill"] = {}
+    dfl["model"]["head"] = "dfl"
+    assert main(["check", str(write_yaml(tmp_path / "dfl.yaml", dfl))]) == 0
+    assert "default recipe ld+soft_bce+pkd" in capsys.readouterr().out
