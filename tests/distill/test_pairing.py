@@ -426,3 +426,24 @@ def test_teacher_quality_ignores_classes_the_student_lacks():
     assert kept.cls_logits.shape[2] == 1
     assert kept.quality.item() == pytest.approx(0.5 * torch.sigmoid(torch.tensor(-9.0)).item())
     assert response_level(level, "decoded", None).quality.item() == pytest.approx(0.5 * torch.sigmoid(torch.tensor(5.0)).item())
+
+
+@pytest.mark.parametrize("name", DISTILL_LOSSES.names())
+@pytest.mark.parametrize("pair_names", [("fcos_resnet18", "yolo_mobilenet"), ("yolo_s", "yolo_mobilenet")])
+def test_every_loss_pairs_across_families_and_backbones_or_says_why(name, pair_names):
+    """Each loss between an FCOS and a YOLO model, and between different backbones: one finite
+    distillation step with gradients reaching the student, or a refusal before training that
+    names the loss and what to use instead."""
+    teacher, student = build(pair_names[0]), build(pair_names[1]).train()
+    entry = DISTILL_LOSSES.get(name)
+    term = response(name) if entry.kind == "response" else TermConfig(loss=name, student="neck", weight=1.0)
+    report = pair(teacher.describe((SIZE, SIZE)), student.describe((SIZE, SIZE)), settings(term))
+    if not report.ok:
+        assert name in ("l2_logits", "ld"), report.errors  # raw maps, or box distributions only DFL heads have
+        assert name in report.errors[0] and ("Use " in report.errors[0] or "use " in report.errors[0])
+        return
+    total, losses = Distiller(student, teacher, report).train()(batch())
+    assert math.isfinite(losses[f"kd0_{name}"].item())
+    total.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
