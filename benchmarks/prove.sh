@@ -29,6 +29,15 @@ declare -A TERMS=(
   [fitnet_gt]="[{loss: fitnet, student: neck, mask: gt, weight: auto}]"
   [recipe_pkd]="[$RECIPE, {loss: pkd, student: neck, weight: auto}]"
   [recipe_cwd]="[$RECIPE, {loss: cwd, student: neck, weight: auto}]"
+  [recipe_pkd_f1]="[$RECIPE, {loss: pkd, student: neck, weight: auto}]"
+  [pkd_f1]="[{loss: pkd, student: neck, weight: auto}]"
+  [recipe_pkd_stop]="[$RECIPE, {loss: pkd, student: neck, weight: auto}]"
+)
+# settings besides the terms
+declare -A EXTRA=(
+  [recipe_pkd_f1]="--set distill.auto.fraction=1.0"
+  [pkd_f1]="--set distill.auto.fraction=1.0"
+  [recipe_pkd_stop]="--set distill.stop_epoch=32"
 )
 COMMON="--set train.threads=1 --set train.eval_every=4 $BED_SET"
 mkdir -p "$OUT"
@@ -38,7 +47,7 @@ for seed in $SEEDS; do
     if [ "$arm" = baseline ]; then
       jobs+=("$KDET train $TRAIN $COMMON --set seed=$seed --out $OUT/baseline-s$seed")
     elif [ -n "${TERMS[$arm]:-}" ]; then
-      jobs+=("$KDET distill $DISTILL $COMMON --set seed=$seed --set 'distill.terms=${TERMS[$arm]}' --teacher-cache $OUT/teacher_cache --out $OUT/$arm-s$seed")
+      jobs+=("$KDET distill $DISTILL $COMMON --set seed=$seed --set 'distill.terms=${TERMS[$arm]}' ${EXTRA[$arm]:-} --teacher-cache $OUT/teacher_cache --out $OUT/$arm-s$seed")
     else
       echo "unknown arm $arm (baseline ${!TERMS[*]})"; exit 2
     fi
