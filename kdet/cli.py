@@ -90,7 +90,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from .config import DistillConfig, load_config
     from .distill.report import render_pairing
-    from .distill.run import check, report_dict
+    from .distill.run import check
+    from .distill.setup import report_dict
 
     config = load_config(config_path(args.config), args.set, schema=DistillConfig)
     report = check(config, log=_log if not args.json else (lambda _: None))

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
 
 
 class ConfigError(ValueError):
@@ -116,13 +116,39 @@ class Config(Strict):
 # ---------------------------------------------------------------------------------------------
 # Distillation: a training config (``model`` is the student) plus a teacher and loss terms
 # ---------------------------------------------------------------------------------------------
+TEACHER_NAME = r"^[A-Za-z_][A-Za-z0-9_-]*$"
+RESERVED_TEACHER_NAMES = ("head", "neck", "backbone")  # a term's teacher: reads NAME or NAME.feature, never a feature
+
+
 class TeacherConfig(Strict):
+    name: str | None = Field(None, pattern=TEACHER_NAME, description="the teacher's name, which terms give to read this "
+                             "teacher alone (teacher: NAME or NAME.neck.p4); default: teacher, or teacher0, teacher1 ... "
+                             "by position in a list of teachers")
+    weight: float = Field(1.0, gt=0, description="several teachers: this teacher's share where a term averages the "
+                          "teachers' outputs")
     checkpoint: str | None = Field(None, description="kdet checkpoint of the teacher (a path or bundled:NAME)")
     model: ModelConfig | None = Field(None, description="teacher architecture, when its weights are a plain state dict")
     weights: str | None = Field(None, description="state dict file for teacher.model")
     partial_weights: bool = Field(False, description="accept teacher.weights that fit teacher.model only in part (the rest "
                                   "of the teacher stays random); default: refused")
     input_size: int | None = Field(None, description="input size the teacher was trained at (checkpoints record it)")
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_feature_name(cls, value: str | None) -> str | None:
+        if value in RESERVED_TEACHER_NAMES:
+            raise ValueError(f"{value!r} names a part of a model (a term's teacher: reads a teacher's name or a feature); "
+                             f"pick another name")
+        return value
+
+
+# ``teacher:`` is one teacher (a mapping) or several (a list); the tags keep validation errors
+# about one teacher free of the other form's (config errors drop them from the key path)
+_UNION_TAGS = ("(one)", "(list)")
+TeacherSpec = Annotated[
+    Union[Annotated[TeacherConfig, Tag(_UNION_TAGS[0])], Annotated[list[TeacherConfig], Tag(_UNION_TAGS[1])]],
+    Discriminator(lambda value: _UNION_TAGS[1] if isinstance(value, list) else _UNION_TAGS[0]),
+]
 
 
 class TermConfig(Strict):
@@ -178,10 +204,28 @@ class DistillSettings(Strict):
 
 
 class DistillConfig(Config):
-    """A training config whose ``model`` is the student, with a frozen teacher."""
+    """A training config whose ``model`` is the student, with a frozen teacher (or several)."""
 
-    teacher: TeacherConfig
+    teacher: TeacherSpec
     distill: DistillSettings = DistillSettings()
+
+    @field_validator("teacher")
+    @classmethod
+    def _distinct_names(cls, value: TeacherConfig | list[TeacherConfig]) -> TeacherConfig | list[TeacherConfig]:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("the list of teachers is empty; give at least one")
+            names = [t.name or f"teacher{i}" for i, t in enumerate(value)]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"teacher name(s) {twice} given to more than one teacher; give each teacher a name of its own")
+        return value
+
+    def teachers(self) -> list[TeacherConfig]:
+        """Every teacher, each with its name set (see :attr:`TeacherConfig.name`)."""
+        if isinstance(self.teacher, TeacherConfig):
+            return [self.teacher.model_copy(update={"name": self.teacher.name or "teacher"})]
+        return [t.model_copy(update={"name": t.name or f"teacher{i}"}) for i, t in enumerate(self.teacher)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,7 +288,7 @@ def config_to_dict(config: Config) -> dict:
 def _explain(error: ValidationError, source: str, lines: dict, overridden: set, schema: type[BaseModel] = Config) -> str:
     messages = []
     for item in error.errors():
-        loc = tuple(str(p) for p in item["loc"])
+        loc = tuple(str(p) for p in item["loc"] if p not in _UNION_TAGS)
         dotted = ".".join(loc)
         where = _where(loc, source, lines, overridden)
         if item["type"] == "extra_forbidden":

@@ -47,6 +47,21 @@ class Run:
         return json.dumps(config, sort_keys=True)
 
 
+def run_teachers(results: dict) -> list[dict]:
+    """The teachers a distillation run scored (``results.json``): its ``teacher``, or each of its
+    ``teachers``."""
+    if "teacher" in results:
+        return [results["teacher"]]
+    return list(results.get("teachers", []))
+
+
+def teacher_label(teacher: dict | list | None) -> str | None:
+    """A distillation config's teacher(s), as the comparison names them."""
+    if isinstance(teacher, list):
+        return ", ".join(str(t.get("checkpoint") or t.get("name")) for t in teacher)
+    return (teacher or {}).get("checkpoint")
+
+
 def collect_runs(paths: list[Path]) -> list[Run]:
     runs = []
     for path in paths:
@@ -144,8 +159,7 @@ def comparison_rows(runs: list[Run]) -> list[dict]:
         groups.setdefault(run.group_key(), []).append(run)
     teachers: dict[str, dict] = {}
     for run in runs:
-        if run.distilled and "teacher" in run.results:
-            teacher = run.results["teacher"]
+        for teacher in run_teachers(run.results) if run.distilled else []:
             teachers.setdefault(str(teacher.get("checkpoint")), teacher)
     rows = []
     for name, teacher in teachers.items():
@@ -163,7 +177,7 @@ def comparison_rows(runs: list[Run]) -> list[dict]:
             continue
         first = members[0]
         row = {"role": "distilled", "name": model_name(first.config["model"]), "method": method_name(first.config),
-               "teacher": first.config["teacher"].get("checkpoint"), "seeds": sorted(r.seed for r in members),
+               "teacher": teacher_label(first.config["teacher"]), "seeds": sorted(r.seed for r in members),
                "runs": [str(r.path) for r in members], "epoch_time_s": _stat([_epoch_time(r) for r in members]),
                **_metrics_row([r.results for r in members])}
         match = baselines.get(first.student_key())
@@ -176,7 +190,9 @@ def comparison_rows(runs: list[Run]) -> list[dict]:
                 row["paired_seeds"] = sorted(r.seed for r, _ in paired)
                 base_ap = statistics.fmean(b.results["metrics"]["coco"]["AP"] for _, b in paired)
                 mine = statistics.fmean(r.results["metrics"]["coco"]["AP"] for r, _ in paired)
-                teacher_ap = first.results.get("teacher", {}).get("metrics", {}).get("coco", {}).get("AP")
+                # several teachers: the gap to the best of them
+                teacher_ap = max((ap for t in run_teachers(first.results) if (ap := t.get("metrics", {}).get("coco", {}).get("AP"))
+                                  is not None), default=None)
                 if teacher_ap is not None and teacher_ap > base_ap:
                     row["gap_closed"] = (mine - base_ap) / (teacher_ap - base_ap)
                 row["epoch_time_ratio"] = row["epoch_time_s"]["mean"] / base_row["epoch_time_s"]["mean"]

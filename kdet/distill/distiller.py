@@ -28,6 +28,7 @@ from ..structures import DetectorOutput, Targets
 from .cache import CachedTeacher
 from .losses import DISTILL_LOSSES
 from .pairing import FeaturePair, PairingReport, TermPlan, level_quality, pair, pick_best_anchor, response_level
+from .teachers import TeacherLink, TeacherPairing, Term, average_levels
 
 
 def converter(in_channels: int, out_channels: int) -> nn.Module:
@@ -87,6 +88,11 @@ class Distiller(TrainStep):
     with. With ``cached`` the teacher's outputs come from the cache, and the teacher is kept
     outside the module, so it is not moved to the training device.
 
+    ``teacher`` and ``report`` are one teacher and its pairing report, or for several teachers
+    their :class:`~kdet.distill.teachers.TeacherLink` objects and the
+    :class:`~kdet.distill.teachers.TeacherPairing` that routes each term to the teacher(s) it
+    reads (a term that averages several teachers: :meth:`averaged_term`).
+
     ``factor`` is the weight schedule (:meth:`weight_factor`); after ``stop_epoch`` the terms
     and the teacher are skipped and the student trains on its labels alone. A term with
     ``weight: auto`` gets the weight that makes its gradient on the student's parameters
@@ -95,19 +101,30 @@ class Distiller(TrainStep):
     """
 
     def __init__(
-        self, student: Detector, teacher: Detector, report: PairingReport, hard_weight: float = 1.0, *, schedule: str = "constant",
+        self, student: Detector, teacher: Detector | list[TeacherLink], report: PairingReport | TeacherPairing,
+        hard_weight: float = 1.0, *, schedule: str = "constant",
         final_ratio: float = 0.0, cached: CachedTeacher | None = None, stop_epoch: int | None = None, assign: str = "own",
         auto: AutoWeightConfig | None = None, log: Callable[[str], None] | None = None, auto_weights_file: Path | None = None,
     ) -> None:
         super().__init__(student)
-        report.raise_errors()
-        if cached is None:
-            self.teacher = teacher.eval().requires_grad_(False)
+        if isinstance(teacher, nn.Module):
+            report.raise_errors()
+            links = [TeacherLink("teacher", teacher, report, cached=cached)]
+            pairing = TeacherPairing.single("teacher", report)
         else:
-            self.__dict__["teacher"] = teacher.eval().requires_grad_(False)
-        self.cached = cached
+            links, pairing = list(teacher), report
+            pairing.raise_errors()
+        self.links = links
+        self.pairing = pairing
+        self.report = links[0].report
+        self.cached = links[0].cached
+        # live frozen teachers follow the step to its device; cached ones stay outside the module
+        for link in links:
+            if link.mode == "frozen":
+                link.model.eval().requires_grad_(False)
+        live = {link.name: link.model for link in links if link.cached is None and link.mode == "frozen"}
+        self.teachers = nn.ModuleDict(live)
         self.epoch = 1
-        self.report = report
         self.hard_weight = hard_weight
         self.schedule = schedule
         self.final_ratio = final_ratio
@@ -117,7 +134,8 @@ class Distiller(TrainStep):
         self.log = log or (lambda _: None)
         self.auto_weights_file = auto_weights_file
         self.progress = 0.0
-        self.plans = [plan for plan in report.terms if plan.active]
+        self.terms = [term for term in pairing.terms if term.active]
+        self.plans = [term.plan for term in self.terms]
         self.connectors = nn.ModuleDict()
         self.loss_modules = nn.ModuleDict()
         for plan in self.plans:
@@ -137,9 +155,14 @@ class Distiller(TrainStep):
                         self.loss_modules[self.connector_key(plan, feature)] = loss.module(s_ch, t_ch)
         # weight: auto -> [sum of measured weights, steps measured]; fixed once steps reach auto.steps
         self.auto_state = {plan.index: [0.0, 0] for plan in self.plans if plan.config.weight == "auto"}
-        same = report.student_classes == list(range(len(report.student.class_names)))
-        self._student_classes = None if same else report.student_classes
-        self._teacher_classes = None if report.teacher_classes == list(range(len(report.teacher.class_names))) else report.teacher_classes
+
+    @property
+    def teacher(self) -> Detector:
+        """The (first) teacher's model."""
+        return self.links[0].model
+
+    def link(self, name: str) -> TeacherLink:
+        return next(link for link in self.links if link.name == name)
 
     @staticmethod
     def connector_key(plan: TermPlan, feature: FeaturePair) -> str:
@@ -180,7 +203,9 @@ class Distiller(TrainStep):
 
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)
-        self.teacher.eval()
+        for link in self.links:
+            if link.mode != "trained":
+                link.model.eval()
         return self
 
     # saved state ---------------------------------------------------------------------------
@@ -213,19 +238,23 @@ class Distiller(TrainStep):
         if not self.distilling:
             out = self.student(batch.images, batch.targets)
             return self.hard_weight * out.loss, {f"det_{k}": v.detach() for k, v in out.losses.items()}
-        teacher_out = self.teacher_outputs(batch.images, batch.indices)
+        teacher_outs = {link.name: self.teacher_output(link, batch) for link in self.links}
         if self.assign_from_teacher:
-            out = self.student(batch.images, batch.targets, assign_from=self.assignment_levels(teacher_out))
+            out = self.student(batch.images, batch.targets, assign_from=self.assignment_levels(teacher_outs[self.links[0].name]))
         else:
             out = self.student(batch.images, batch.targets)
         losses = {f"det_{k}": v.detach() for k, v in out.losses.items()}
         total = self.hard_weight * out.loss
-        context = BatchContext(batch, out, teacher_out, self)
+        context = BatchContext(batch, out, teacher_outs[self.links[0].name], self)
         factor = self.weight_factor()
-        for plan in self.plans:
-            value = self.term(plan, out, teacher_out, context)
-            losses[f"kd{plan.index}_{plan.config.loss}"] = value.detach()
-            total = total + factor * self.term_weight(plan, value, out.loss) * value
+        for term in self.terms:
+            if term.averaged:
+                value = self.averaged_term(term, out, teacher_outs, context)
+            else:
+                link = self.link(next(iter(term.plans)))
+                value = self.term(term.plan, out, teacher_outs[link.name], context.for_teacher(link, teacher_outs[link.name]), link)
+            losses[f"kd{term.index}_{term.config.loss}"] = value.detach()
+            total = total + factor * self.term_weight(term.plan, value, out.loss) * value
         if self.schedule != "constant":
             losses["kd_weight_factor"] = torch.tensor(factor)
         return total, losses
@@ -235,8 +264,9 @@ class Distiller(TrainStep):
         teacher``): one per student level, of the same stride, with the student's classes."""
         by_stride = {level.stride: level for level in teacher.head}
         levels = [by_stride[level.stride] for level in self.report.student.levels]
-        if self._teacher_classes is not None:
-            levels = [replace(level, cls_logits=level.cls_logits[:, :, self._teacher_classes]) for level in levels]
+        classes = self.links[0].teacher_classes
+        if classes is not None:
+            levels = [replace(level, cls_logits=level.cls_logits[:, :, classes]) for level in levels]
         return levels
 
     def term_weight(self, plan: TermPlan, value: Tensor, detection_loss: Tensor) -> float:
@@ -258,24 +288,33 @@ class Distiller(TrainStep):
                              f"(its gradient {self.auto.fraction:g} of the detection loss's, over {state[1]} steps)")
         return state[0] / state[1] if state[1] else 0.0
 
-    def teacher_outputs(self, images: Tensor, indices: list[int] | None) -> DetectorOutput:
-        """The teacher's outputs on ``images``: a forward pass, or with the cache the stored
-        outputs of the same samples (training-set ``indices``, in this epoch's view)."""
-        if self.cached is None:
+    def teacher_output(self, link: TeacherLink, batch: Batch) -> DetectorOutput:
+        """A teacher's outputs on the batch's images: a forward pass without gradients, or with
+        the cache the stored outputs of the same samples (training-set indices, this epoch's view)."""
+        if link.cached is None:
             with torch.no_grad():
-                return self.teacher(images)
-        if indices is None:
-            raise ValueError("Distiller: with the teacher cache, pass the training-set indices of the batch's images")
-        return self.cached.outputs(indices, self.epoch, images.device)
+                return link.model(batch.images)
+        return link.cached.outputs(batch.indices, self.epoch, batch.images.device)
 
-    def term(self, plan: TermPlan, student: DetectorOutput, teacher: DetectorOutput, context: "BatchContext") -> Tensor:
-        """The unweighted value of one term on one batch."""
+    def teacher_outputs(self, images: Tensor, indices: list[int] | None) -> DetectorOutput:
+        """The (first) teacher's outputs on ``images``: a forward pass, or with the cache the
+        stored outputs of the same samples (training-set ``indices``, in this epoch's view)."""
+        if self.cached is not None and indices is None:
+            raise ValueError("Distiller: with the teacher cache, pass the training-set indices of the batch's images")
+        batch = Batch(images, [], list(indices or []), torch.ones(len(images), dtype=torch.bool), self.epoch)
+        return self.teacher_output(self.links[0], batch)
+
+    def term(self, plan: TermPlan, student: DetectorOutput, teacher: DetectorOutput, context: "BatchContext",
+             link: TeacherLink | None = None) -> Tensor:
+        """The unweighted value of one term on one batch, reading one teacher (``link``, by
+        default the first)."""
+        link = link or self.links[0]
         loss = DISTILL_LOSSES.get(plan.config.loss)
         if plan.kind == "response":
             s_levels, t_levels = [], []
             for s_index, t_index in plan.level_pairs:
-                s_level = response_level(student.head[s_index], plan.box_space, self._student_classes)
-                t_level = response_level(teacher.head[t_index], plan.box_space, self._teacher_classes)
+                s_level = response_level(student.head[s_index], plan.box_space, link.student_classes)
+                t_level = response_level(teacher.head[t_index], plan.box_space, link.teacher_classes)
                 if plan.pick_teacher_anchor:
                     t_level = pick_best_anchor(t_level, s_level.cls_logits.shape[1])
                 s_levels.append(s_level)
@@ -305,6 +344,30 @@ class Distiller(TrainStep):
             values.append(loss.fn(s_map, target, **extra, **plan.config.args))
         return torch.stack(values).mean()
 
+    def averaged_term(self, term: Term, student: DetectorOutput, teachers: dict[str, DetectorOutput], context: "BatchContext") -> Tensor:
+        """A response term against the teachers' outputs averaged into one teacher
+        (:func:`~kdet.distill.teachers.average_levels`), on the student levels and classes the
+        teachers share with the student."""
+        loss = DISTILL_LOSSES.get(term.config.loss)
+        s_levels, t_levels = [], []
+        for s_index in term.levels:
+            s_level = response_level(student.head[s_index], "decoded", term.classes)
+            levels, positions, weights = [], [], []
+            for name, plan in term.plans.items():
+                link = self.link(name)
+                t_index = dict(plan.level_pairs)[s_index]
+                t_level = response_level(teachers[name].head[t_index], "decoded", link.report.teacher_classes)
+                if t_level.cls_logits.shape[1] != s_level.cls_logits.shape[1]:
+                    t_level = pick_best_anchor(t_level, s_level.cls_logits.shape[1])
+                levels.append(t_level)
+                positions.append([term.classes.index(c) for c in link.report.student_classes])
+                weights.append(link.weight)
+            s_levels.append(s_level)
+            t_levels.append(average_levels(levels, positions, weights, len(term.classes)))
+        strides = [student.head[s].stride for s in term.levels]
+        extra = context.for_response(term.plan, loss.context, strides, term.levels)
+        return loss.fn(s_levels, t_levels, **extra, **term.config.args)
+
 
 PER_PAIR = ("stride", "strides", "mask", "teacher_quality", "assignment")
 """Context names whose value differs between the pairs of a feature term."""
@@ -314,9 +377,19 @@ class BatchContext:
     """What losses may ask for besides the two models' maps (:data:`~kdet.distill.losses.CONTEXT`),
     computed for one batch on first request."""
 
-    def __init__(self, batch: Batch, student_out: DetectorOutput, teacher_out: DetectorOutput, distiller: Distiller) -> None:
+    def __init__(self, batch: Batch, student_out: DetectorOutput, teacher_out: DetectorOutput, distiller: Distiller,
+                 link: TeacherLink | None = None) -> None:
         self.batch, self.student_out, self.teacher_out, self.distiller = batch, student_out, teacher_out, distiller
-        self._assignment: list[Tensor] | None = None
+        self.link = link or distiller.links[0]
+        self._shared: dict = {}  # computed once per batch, whichever teacher a term reads
+
+    def for_teacher(self, link: TeacherLink, teacher_out: DetectorOutput) -> "BatchContext":
+        """The same batch's context for a term that reads ``link``'s outputs."""
+        if link is self.link:
+            return self
+        other = BatchContext(self.batch, self.student_out, teacher_out, self.distiller, link)
+        other._shared = self._shared
+        return other
 
     def common(self, name: str):
         batch = self.batch
@@ -332,10 +405,10 @@ class BatchContext:
 
     def assignment(self) -> list[Tensor]:
         """The student's own assignment per head level, ``[N, A, H, W]``."""
-        if self._assignment is None:
+        if "assignment" not in self._shared:
             with torch.no_grad():
-                self._assignment = self.distiller.student.assign(self.student_out.head, self.batch.targets)
-        return self._assignment
+                self._shared["assignment"] = self.distiller.student.assign(self.student_out.head, self.batch.targets)
+        return self._shared["assignment"]
 
     def for_response(self, plan: TermPlan, names: list[str], strides: list[int], levels: list[int]) -> dict:
         out = {}
@@ -373,8 +446,9 @@ class BatchContext:
         level = next((lv for lv in self.teacher_out.head if lv.stride == stride), None)
         if level is None:
             raise ValueError(f"the teacher has no head level of stride {stride}")
-        quality = level_quality(replace(level, cls_logits=level.cls_logits[:, :, self.distiller._teacher_classes])
-                                if self.distiller._teacher_classes is not None else level)  # [N, A, 1, H, W]
+        classes = self.link.teacher_classes
+        quality = level_quality(replace(level, cls_logits=level.cls_logits[:, :, classes])
+                                if classes is not None else level)  # [N, A, 1, H, W]
         quality = quality.amax(1)  # [N, 1, H, W]
         if tuple(quality.shape[-2:]) != grid:
             quality = F.interpolate(quality, size=grid, mode="bilinear", align_corners=False)

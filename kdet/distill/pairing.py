@@ -91,8 +91,10 @@ def _strides(spec_levels) -> str:
     return "/".join(str(level.stride) for level in spec_levels)
 
 
-def pair(teacher: ModelSpec, student: ModelSpec, settings: DistillSettings, *, teacher_input_size: int | None = None) -> PairingReport:
-    """Plan every term of ``settings`` for ``teacher`` and ``student`` (described at the same input size)."""
+def pair(teacher: ModelSpec, student: ModelSpec, settings: DistillSettings, *, teacher_input_size: int | None = None,
+         only: set[int] | None = None) -> PairingReport:
+    """Plan every term of ``settings`` for ``teacher`` and ``student`` (described at the same input size);
+    with ``only``, the terms of those indices alone (the terms that read this teacher of several)."""
     report = PairingReport(teacher, student, [], [], [])
     _pair_classes(report)
     if teacher_input_size and teacher_input_size != student.input_size[0]:
@@ -111,6 +113,8 @@ def pair(teacher: ModelSpec, student: ModelSpec, settings: DistillSettings, *, t
     if not settings.terms:
         report.errors.append("distill.terms is empty: add at least one term, for example {loss: objectness_scaled, weight: 1.0}")
     for index, term in enumerate(settings.terms):
+        if only is not None and index not in only:
+            continue
         try:
             loss = DISTILL_LOSSES.get(term.loss)
         except KeyError as error:
@@ -440,4 +444,4 @@ def pick_best_anchor(level: ResponseLevel, num_anchors: int) -> ResponseLevel:
         index = best.expand(-1, 1, t.shape[2], -1, -1)
         return t.gather(1, index).expand(-1, num_anchors, -1, -1, -1)
 
-    return ResponseLevel(take(level.cls_logits), take(level.box), take(level.score), take(level.quality))
+    return ResponseLevel(take(level.cls_logits), take(level.box), take(level.score), take(level.quality), level.box_space)

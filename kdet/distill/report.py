@@ -5,6 +5,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .pairing import PairingReport
+from .teachers import TeacherPairing
 
 
 def level_table(report: PairingReport) -> Table:
@@ -41,7 +42,16 @@ def feature_table(report: PairingReport) -> Table:
     return table
 
 
-def render_pairing(report: PairingReport, console: Console) -> None:
+def render_pairing(report: PairingReport | TeacherPairing, console: Console) -> None:
+    if isinstance(report, TeacherPairing):
+        render_teachers(report, console)
+        return
+    _render_report(report, console)
+    console.print("pairing: OK, ready to distil" if report.ok else f"pairing: {len(report.errors)} error(s); kdet distill will refuse this config",
+                  markup=False)
+
+
+def _render_report(report: PairingReport, console: Console) -> None:
     console.print(f"teacher: {report.teacher.family}, classes {list(report.teacher.class_names)}", markup=False)
     console.print(f"student: {report.student.family}, classes {list(report.student.class_names)}", markup=False)
     console.print(level_table(report))
@@ -55,5 +65,21 @@ def render_pairing(report: PairingReport, console: Console) -> None:
             console.print(f"  {note}", markup=False, soft_wrap=True)
     for error in report.errors:
         console.print(f"ERROR: {error}", style="bold red", markup=False, soft_wrap=True)
-    console.print("pairing: OK, ready to distil" if report.ok else f"pairing: {len(report.errors)} error(s); kdet distill will refuse this config",
+
+
+def render_teachers(pairing: TeacherPairing, console: Console) -> None:
+    """Several teachers: each teacher's pairing with the student, then which term reads which."""
+    for name, report in pairing.reports.items():
+        console.rule(f"teacher {name} (weight {pairing.weights.get(name, 1.0):g})")
+        _render_report(report, console)
+    console.rule("terms")
+    for note in pairing.notes:
+        console.print(f"note: {note}", markup=False, soft_wrap=True)
+    for term in pairing.terms:
+        reads = "every teacher, averaged" if term.averaged else f"teacher {next(iter(term.plans))}"
+        console.print(f"{term.key} reads {reads}", markup=False)
+    for error in pairing.errors:
+        console.print(f"ERROR: {error}", style="bold red", markup=False, soft_wrap=True)
+    errors = pairing.all_errors()
+    console.print("pairing: OK, ready to distil" if not errors else f"pairing: {len(errors)} error(s); kdet distill will refuse this config",
                   markup=False)

@@ -13,9 +13,10 @@ from ..data.pipeline import DetectionDataset
 from ..models import Detector
 from ..structures import DatasetIndex
 from .cache import CachedTeacher
-from .distiller import Distiller, check_pairing, load_teacher
+from .distiller import Distiller
 from .pairing import PairingReport
 from .recipe import with_default_recipe
+from .setup import build_step, cache_stats, evaluate_teacher, pair_config, shown, teacher_entries
 
 Log = Callable[[str], None]
 
@@ -28,7 +29,7 @@ def check(config: DistillConfig, log: Log = print) -> PairingReport:
     config, recipe = with_default_recipe(config, log)
     index = load_data(config, log)
     student = build_model(resolve_model_config(config, index, log), index.class_names, config.data.input_size)
-    _, report = check_pairing(config, student, index.class_names)
+    report = shown(pair_config(config, student, index.class_names)[1])
     if recipe is not None:
         report.notes.insert(0, f"recipe: distill.terms is empty, so the default recipe {recipe.name}: {recipe.why}")
     return report
@@ -46,26 +47,12 @@ def distill(config: DistillConfig, out_dir: str | Path, *, resume: bool = False,
     config, _ = with_default_recipe(config, log)
 
     def build(student, index: DatasetIndex, train_set: DetectionDataset, run_log: Log) -> Distiller:
-        teacher = load_teacher(config.teacher, index.class_names, config.data.input_size)
-        _, report = check_pairing(config, student, index.class_names, teacher=teacher)
-        for line in report_lines(report):
-            run_log(line)
-        (out_dir / "pairing.json").write_text(json.dumps(report_dict(report), indent=1))
-        report.raise_errors()
-        made.update(teacher=teacher[0], index=index)
-        cached = None
-        if config.distill.cache.dir:
-            device = next(student.parameters()).device
-            cached, stats = prepare_cache(config, teacher[0].to(device), report, train_set, run_log)
-            teacher[0].cpu()
-            made["cache"] = record_cache_build(out_dir, stats)
-        return Distiller(student, teacher[0], report, config.distill.hard_weight, schedule=config.distill.schedule,
-                         final_ratio=config.distill.final_ratio, cached=cached, stop_epoch=config.distill.stop_epoch,
-                         assign=config.distill.assign,
-                         auto=config.distill.auto, log=run_log, auto_weights_file=out_dir / "auto_weights.json")
+        step, built = build_step(config, student, index, train_set, out_dir, run_log)
+        made.update(built)
+        return step
 
     results = train(config, out_dir, resume=resume, log=log, progress=progress, step=build)
-    results["teacher"] = teacher_results(made["teacher"], config, made["index"], log)
+    results.update(teacher_entries(made, config, log))
     if "cache" in made:
         results["teacher_cache"] = made["cache"]
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
@@ -103,10 +90,10 @@ def build_cache(config: DistillConfig, log: Log = print) -> dict:
         torch.set_num_threads(config.train.threads)
     index = load_data(config, log)
     student = build_model(resolve_model_config(config, index, lambda _: None), index.class_names, config.data.input_size)
-    teacher, report = check_pairing(config, student, index.class_names)
-    report.raise_errors()
-    _, stats = prepare_cache(config, teacher.to(pick_device(config.train.device)), report, training_set(config, index), log)
-    return stats
+    links, pairing = pair_config(config, student, index.class_names)
+    pairing.raise_errors()
+    device, train_set = pick_device(config.train.device), training_set(config, index)
+    return cache_stats({link.name: prepare_cache(config, link.model.to(device), link.report, train_set, log)[1] for link in links})
 
 
 def record_cache_build(out_dir: Path, stats: dict) -> dict:
@@ -122,16 +109,15 @@ def record_cache_build(out_dir: Path, stats: dict) -> dict:
 
 def teacher_results(teacher, config: DistillConfig, index: DatasetIndex, log: Log) -> dict:
     """The teacher scored on the same split and input size as the student, with its size and speed."""
-    from ..engine.evaluate import evaluate_model
     from ..engine.profile import profile_model
     from ..engine.trainer import eval_settings, test_split
 
     split = test_split(config, index)
-    metrics = evaluate_model(teacher, index.split(split), config.data.input_size, **eval_settings(config))
+    metrics = evaluate_teacher(teacher, index.split(split), index.class_names, config.data.input_size, **eval_settings(config))
     profile = profile_model(teacher, config.data.input_size, threads=config.train.threads)
     coco = metrics["coco"]
     log(f"teacher on {split}: AP {coco['AP']:.3f}, AP50 {coco['AP50']:.3f}, VOC mAP50 {metrics['voc']['mAP50_all']:.3f}")
-    return {"split": split, "checkpoint": config.teacher.checkpoint, "params": profile.params, "metrics": metrics, "profile": profile.__dict__}
+    return {"split": split, "checkpoint": config.teachers()[0].checkpoint, "params": profile.params, "metrics": metrics, "profile": profile.__dict__}
 
 
 def report_lines(report: PairingReport) -> list[str]:

@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..distill.compare import Run, model_name
+from ..distill.compare import Run, model_name, run_teachers
 from ..engine.metrics import ImagePredictions
 from ..models import Detector
 from ..structures import ImageRecord
@@ -104,16 +104,18 @@ def report_models(runs: list[Run], rows: list[dict], log: Log = print) -> list[R
     ``baseline``, ``distilled`` (numbered when a role has several rows)."""
     by_path = {str(run.path): run for run in runs}
     teacher_users: dict[str, Run] = {}
+    entries: dict[str, dict] = {}
     for run in runs:
-        if run.distilled and "teacher" in run.results:
-            teacher_users.setdefault(str(run.results["teacher"].get("checkpoint")), run)
+        for entry in run_teachers(run.results) if run.distilled else []:
+            teacher_users.setdefault(str(entry.get("checkpoint")), run)
+            entries.setdefault(str(entry.get("checkpoint")), entry)
     models: list[ReportModel] = []
     for row in rows:
         if row["role"] == "teacher":
-            user = teacher_users[row["name"]]
-            checkpoint, teacher_config, note = _teacher_source(user)
+            user, entry = teacher_users[row["name"]], entries[row["name"]]
+            checkpoint, teacher_config, note = _teacher_source(user, entry)
             model = ReportModel("", "teacher", row, checkpoint, user.path, [], row["name"],
-                                f"teacher of {user.path}, scored by that run on its {user.results['teacher'].get('split', 'test')} split",
+                                f"teacher of {user.path}, scored by that run on its {entry.get('split', 'test')} split",
                                 teacher_config=teacher_config)
             if note:
                 model.notes.append(note)
@@ -134,10 +136,14 @@ def report_models(runs: list[Run], rows: list[dict], log: Log = print) -> list[R
     return models
 
 
-def _teacher_source(run: Run) -> tuple[str | None, dict | None, str | None]:
-    """``(checkpoint, teacher config, note)`` of the teacher a distillation run used."""
+def _teacher_source(run: Run, entry: dict) -> tuple[str | None, dict | None, str | None]:
+    """``(checkpoint, teacher config, note)`` of the teacher of a distillation run that
+    ``entry`` (its ``results.json`` record) describes."""
     teacher = run.config.get("teacher") or {}
-    checkpoint = teacher.get("checkpoint")
+    if isinstance(teacher, list):
+        names = [t.get("name") or f"teacher{i}" for i, t in enumerate(teacher)]
+        teacher = teacher[names.index(entry["name"])] if entry.get("name") in names else teacher[0]
+    checkpoint = entry.get("checkpoint") or teacher.get("checkpoint")
     if checkpoint:
         if str(checkpoint).startswith("bundled:") or Path(checkpoint).expanduser().is_file():
             return str(checkpoint), None, None
