@@ -132,6 +132,8 @@ class TeacherConfig(Strict):
     partial_weights: bool = Field(False, description="accept teacher.weights that fit teacher.model only in part (the rest "
                                   "of the teacher stays random); default: refused")
     input_size: int | None = Field(None, description="input size the teacher was trained at (checkpoints record it)")
+    self: Literal["ema"] | None = Field(None, description="ema: the student's own exponential moving average (train.ema) "
+                                        "is its teacher (mean teacher); no checkpoint, model or weights")
 
     @field_validator("name")
     @classmethod

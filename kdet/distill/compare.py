@@ -59,6 +59,8 @@ def teacher_label(teacher: dict | list | None) -> str | None:
     """A distillation config's teacher(s), as the comparison names them."""
     if isinstance(teacher, list):
         return ", ".join(str(t.get("checkpoint") or t.get("name")) for t in teacher)
+    if (teacher or {}).get("self"):
+        return f"self ({teacher['self']})"
     return (teacher or {}).get("checkpoint")
 
 

@@ -169,6 +169,11 @@ class Distiller(TrainStep):
         return f"term{plan.index}_{feature.student.replace('.', '_')}"
 
     # hooks ---------------------------------------------------------------------------------
+    def before_train(self, trainer) -> None:
+        for link in self.links:
+            if link.mode == "ema":
+                link.model = _student_ema(trainer)
+
     def before_epoch(self, trainer) -> None:
         self.epoch = trainer.epoch
 
@@ -204,7 +209,7 @@ class Distiller(TrainStep):
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)
         for link in self.links:
-            if link.mode != "trained":
+            if link.mode != "trained" and link.model is not self.student:
                 link.model.eval()
         return self
 
@@ -291,6 +296,8 @@ class Distiller(TrainStep):
     def teacher_output(self, link: TeacherLink, batch: Batch) -> DetectorOutput:
         """A teacher's outputs on the batch's images: a forward pass without gradients, or with
         the cache the stored outputs of the same samples (training-set indices, this epoch's view)."""
+        if link.mode == "ema" and link.model is self.student:
+            raise RuntimeError("Distiller: the student's EMA teacher is found when training starts (before_train)")
         if link.cached is None:
             with torch.no_grad():
                 return link.model(batch.images)
@@ -477,6 +484,16 @@ def box_mask(targets: Targets, stride: int, grid: tuple[int, int]) -> Tensor:
             c2, r2 = max(c1 + 1, min(width, int(math.ceil(x2)))), max(r1 + 1, min(height, int(math.ceil(y2))))
             mask[i, 0, r1:r2, c1:c2] = 1.0
     return mask
+
+
+def _student_ema(trainer) -> nn.Module:
+    """The moving average of the student the trainer keeps (``train.ema``)."""
+    from ..engine.trainer import EMAHook
+
+    hook = next((hook for hook in trainer.hooks if isinstance(hook, EMAHook)), None)
+    if hook is None:
+        raise ConfigError("teacher: {self: ema} reads the student's exponential moving average; set train.ema: true")
+    return hook.ema.module
 
 
 def _grad_norm(value: Tensor, params: list[nn.Parameter]) -> float:

@@ -77,7 +77,7 @@ def with_default_recipe(config: DistillConfig, log: Callable[[str], None] = prin
     if isinstance(config.teacher, list):
         raise ConfigError("distill.terms is empty, and the default recipe is for one teacher; with several teachers give "
                           "the terms (README: Several teachers)")
-    recipe = default_recipe(teacher_model_config(config.teacher), config.model)
+    recipe = default_recipe(config.model if config.teacher.self else teacher_model_config(config.teacher), config.model)
     log(f"recipe: distill.terms is empty, so kdet uses its default recipe {recipe.name}: {recipe.why}")
     distill = config.distill.model_validate({**config.distill.model_dump(), "terms": recipe.terms, **recipe.settings})
     return config.model_copy(update={"distill": distill}), recipe

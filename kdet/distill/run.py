@@ -16,7 +16,7 @@ from .cache import CachedTeacher
 from .distiller import Distiller
 from .pairing import PairingReport
 from .recipe import with_default_recipe
-from .setup import build_step, cache_stats, evaluate_teacher, pair_config, shown, teacher_entries
+from .setup import build_step, cache_stats, check_strategies, evaluate_teacher, pair_config, shown, teacher_entries
 
 Log = Callable[[str], None]
 
@@ -44,6 +44,7 @@ def distill(config: DistillConfig, out_dir: str | Path, *, resume: bool = False,
     out_dir = Path(out_dir)
     made: dict = {}
     check_cache_settings(config)
+    check_strategies(config)
     config, _ = with_default_recipe(config, log)
 
     def build(student, index: DatasetIndex, train_set: DetectionDataset, run_log: Log) -> Distiller:

@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..config import DistillConfig, TeacherConfig
+from ..config import ConfigError, DistillConfig, TeacherConfig
 from ..data.pipeline import DetectionDataset
 from ..models import Detector
 from ..structures import DatasetIndex, ImageRecord
@@ -20,23 +20,56 @@ from .teachers import TeacherLink, TeacherPairing, pair_teachers, several_report
 Log = Callable[[str], None]
 
 
-def load_teachers(config: DistillConfig, class_names: list[str]) -> list[tuple[TeacherConfig, Detector, int]]:
-    """Every teacher of ``config`` (named), loaded frozen, with the input size it was trained at."""
+def check_strategies(config: DistillConfig) -> None:
+    """Refuse, before anything is loaded, the combinations of teachers and settings that cannot
+    work, saying what to change."""
+    teachers = config.teachers()
+    for key, teacher in zip(_teacher_keys(config), teachers):
+        if teacher.self and (teacher.checkpoint or teacher.model or teacher.weights):
+            raise ConfigError(f"{key}.self: ema makes the student's own moving average its teacher; remove {key}.checkpoint, "
+                              f".model and .weights, or remove {key}.self")
+    special = [(key, t) for key, t in zip(_teacher_keys(config), teachers) if t.self]
+    if special and len(teachers) > 1:
+        raise ConfigError(f"{special[0][0]}: the student's own EMA (self: ema) is a teacher on its own; remove the other teachers")
+    if special and not config.train.ema:
+        raise ConfigError("teacher: {self: ema} reads the student's exponential moving average; set train.ema: true")
+    if special and config.distill.cache.dir:
+        raise ConfigError("teacher: {self: ema} changes with every step, so its outputs cannot be cached; remove "
+                          "--teacher-cache / distill.cache.dir")
+
+
+def _teacher_keys(config: DistillConfig) -> list[str]:
+    return ["teacher"] if not isinstance(config.teacher, list) else [f"teacher.{i}" for i in range(len(config.teacher))]
+
+
+def load_teachers(config: DistillConfig, class_names: list[str]) -> list[tuple[TeacherConfig, Detector | None, int | None]]:
+    """Every teacher of ``config`` (named), loaded frozen, with the input size it was trained at;
+    ``None`` for the student's own EMA (``self: ema``), which exists once training starts."""
     out = []
     for teacher in config.teachers():
+        if teacher.self:
+            out.append((teacher, None, None))
+            continue
         model, trained_size = load_teacher(teacher, class_names, config.data.input_size)
         out.append((teacher, model, trained_size))
     return out
 
 
 def pair_config(config: DistillConfig, student: Detector, class_names: list[str],
-                teachers: list[tuple[TeacherConfig, Detector, int]] | None = None) -> tuple[list[TeacherLink], TeacherPairing]:
-    """Load the teachers (unless given) and pair each with ``student`` at the configured input size."""
+                teachers: list[tuple[TeacherConfig, Detector | None, int | None]] | None = None) -> tuple[list[TeacherLink], TeacherPairing]:
+    """Load the teachers (unless given) and pair each with ``student`` at the configured input
+    size. The student's own EMA is paired as the student (it has the student's architecture)."""
+    check_strategies(config)
     size = (config.data.input_size, config.data.input_size)
     teachers = teachers if teachers is not None else load_teachers(config, class_names)
-    pairing = pair_teachers([(t, model.describe(size), trained) for t, model, trained in teachers], student.describe(size),
-                            config.distill)
-    links = [TeacherLink(t.name, model, pairing.reports[t.name], t.weight) for t, model, _ in teachers]
+    student_spec = student.describe(size)
+    pairing = pair_teachers([(t, model.describe(size) if model is not None else student_spec, trained)
+                             for t, model, trained in teachers], student_spec, config.distill)
+    links = [TeacherLink(t.name, model if model is not None else student, pairing.reports[t.name], t.weight,
+                         mode="ema" if t.self else "frozen") for t, model, _ in teachers]
+    if any(link.mode == "ema" for link in links):
+        pairing.notes.append("teacher: the student's own exponential moving average (mean teacher), updated after every "
+                             "step; it starts as the student and lags behind it")
     return links, pairing
 
 
@@ -99,14 +132,18 @@ def teacher_entries(made: dict, config: DistillConfig, log: Log) -> dict:
 
     links: list[TeacherLink] = made["links"]
     configs = {t.name: t for t in config.teachers()}
-    entries = []
+    entries: list[dict] = []
     for link in links:
+        if link.mode == "ema":  # the student's own average: best.pt is (a snapshot of) it
+            continue
         entry = teacher_results(link.model, config, made["index"], log if len(links) == 1 else _named(log, link.name))
         entry.update(checkpoint=configs[link.name].checkpoint)
         if len(links) > 1:
             entry.update(name=link.name, weight=link.weight)
         entries.append(entry)
-    return {"teacher": entries[0]} if len(entries) == 1 else {"teachers": entries}
+    if not entries:
+        return {}
+    return {"teacher": entries[0]} if len(links) == 1 else {"teachers": entries}
 
 
 def evaluate_teacher(teacher: Detector, records: list[ImageRecord], class_names: list[str], input_size: int, **kwargs) -> dict:

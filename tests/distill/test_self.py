@@ -1,0 +1,111 @@
+"""Self distillation: the student's own moving average as its teacher (mean teacher)."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kdet.config import ConfigError, DistillConfig, ModelConfig, validate_config
+from kdet.distill.compare import collect_runs, comparison_rows
+from kdet.distill.run import distill
+from kdet.distill.setup import pair_config
+from kdet.engine.ema import ModelEMA
+from kdet.engine.step import Batch
+from kdet.engine.trainer import EMAHook, train
+from kdet.models import build_model
+from conftest import tiny_config_dict
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def self_config(data, **train) -> dict:
+    config = tiny_config_dict(data, epochs=2, **train)
+    config["teacher"] = {"self": "ema"}
+    config["distill"] = {"terms": [{"loss": "kl", "weight": 1.0, "args": {"mode": "sigmoid"}},
+                                   {"loss": "fitnet", "student": "neck.p3", "weight": 0.5}]}
+    return config
+
+
+def test_the_mean_teacher_is_the_students_ema():
+    from kdet.distill.distiller import Distiller
+
+    config = validate_config(self_config("unused"), schema=DistillConfig)
+    torch.manual_seed(0)
+    student = build_model(ModelConfig(family="yolo", backbone="cspdarknet", size="p", anchors="default"), ["a", "b"], 64)
+    links, pairing = pair_config(config, student, ["a", "b"])
+    assert pairing.ok and links[0].mode == "ema"
+    assert any("exponential moving average" in note for note in pairing.notes)
+    step = Distiller(student, links, pairing).train()
+    assert not list(step.teachers)  # the EMA is the trainer's, not a module of the step
+    ema = ModelEMA(student, 0.9, ramp=1)
+    with torch.no_grad():
+        for p in ema.module.parameters():
+            p.add_(0.05)  # an average that differs from the student
+    step.before_train(SimpleNamespace(hooks=[step, EMAHook(ema, student)]))
+    assert step.links[0].model is ema.module and student.training
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 20.0]]), "labels": torch.tensor([0])}] * 2
+    step.eval()
+    _, losses = step(Batch.of(images, targets))
+    from kdet.distill.losses import kl
+    from kdet.distill.pairing import response_level
+
+    s_out, t_out = student(images), ema.module(images)
+    expected = kl([response_level(lv, "raw", None) for lv in s_out.head], [response_level(lv, "raw", None) for lv in t_out.head],
+                  mode="sigmoid")
+    assert losses["kd0_kl"].item() == pytest.approx(expected.item(), rel=1e-5) and expected.item() > 0
+    # no EMA to read: a clear error
+    with pytest.raises(ConfigError, match="train.ema: true"):
+        step.before_train(SimpleNamespace(hooks=[step]))
+
+
+def test_mean_teacher_run_resumes_exactly_and_has_no_teacher_row(shapes_voc, tmp_path, monkeypatch):
+    config = validate_config(self_config(shapes_voc), schema=DistillConfig)
+    straight = tmp_path / "straight"
+    results = distill(config, straight, log=quiet, progress=False)
+    assert "teacher" not in results and "teachers" not in results
+    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss_kd0_kl"] >= 0 and "loss_kd1_fitnet" in r for r in records)
+
+    import kdet.engine.trainer as trainer
+
+    real_loader = trainer.epoch_loader
+
+    def stop_at_epoch_2(dataset, cfg, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_loader(dataset, cfg, epoch)
+
+    resumed = tmp_path / "resumed"
+    monkeypatch.setattr(trainer, "epoch_loader", stop_at_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        distill(config, resumed, log=quiet, progress=False)
+    monkeypatch.setattr(trainer, "epoch_loader", real_loader)
+    distill(config, resumed, resume=True, log=quiet, progress=False)
+    a = torch.load(straight / "last.pt", weights_only=False)
+    b = torch.load(resumed / "last.pt", weights_only=False)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+    base = tiny_config_dict(shapes_voc, epochs=2)
+    train(validate_config(base), tmp_path / "base", log=quiet, progress=False)
+    rows = comparison_rows(collect_runs([tmp_path / "base", straight]))
+    assert [r["role"] for r in rows] == ["baseline", "distilled"] and rows[1]["teacher"] == "self (ema)"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"train": {"ema": False}}, "set train.ema: true"),
+    ({"distill": {"cache": {"dir": "somewhere"}}}, "cannot be cached"),
+    ({"teacher": {"self": "ema", "checkpoint": "x.pt"}}, "teacher.self: ema makes the student's own moving average"),
+    ({"teacher": [{"self": "ema"}, {"checkpoint": "x.pt"}]}, "a teacher on its own"),
+])
+def test_what_a_mean_teacher_cannot_do_is_refused(shapes_voc, tmp_path, change, message):
+    config = self_config(shapes_voc)
+    for key, value in change.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) and key != "teacher" else value
+    with pytest.raises(ConfigError, match=message):
+        distill(validate_config(config, schema=DistillConfig), tmp_path / "run", log=quiet, progress=False)
