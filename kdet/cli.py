@@ -133,6 +133,21 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chain(args: argparse.Namespace) -> int:
+    from .config import ChainConfig, load_config
+    from .distill.chain import run_chain
+    from .distill.compare import render_comparison
+
+    config = load_config(config_path(args.config), args.set + _teacher_cache_overrides(args), schema=ChainConfig)
+    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    _log(f"chain directory: {out}")
+    rows = run_chain(config, out, log=_log, progress=console.is_terminal, check_only=args.check)
+    if rows:
+        render_comparison(rows, console)
+        _log(f"table also in {out / 'compare.md'}")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .distill.compare import collect_runs, comparison_rows, render_comparison
 
@@ -338,6 +353,19 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--teacher-cache", metavar="DIR", help="the cache directory (same as --set distill.cache.dir=DIR)")
     cache.add_argument("--json", action="store_true", help="print what the build did as JSON")
     cache.set_defaults(func=cmd_cache)
+
+    chain_help = ("teacher-assistant chain or born-again generations: distil the teacher through the chain: stages into the "
+                  "final student, one run directory per stage under --out, plus the baseline and the direct distillation, "
+                  "and compare them; finished runs are skipped, an interrupted one resumed")
+    chain = sub.add_parser("chain", help=chain_help, description=chain_help)
+    chain.add_argument("config", help="a distillation YAML config with a chain: list of stages ({name, model: {keys that "
+                       "differ from the final student's model}}; {} repeats the student's model: born-again generations)")
+    chain.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    chain.add_argument("--out", help="folder of the chain's run directories (default: runs/<config name>)")
+    chain.add_argument("--check", action="store_true", help="pair every stage with its teacher and stop; exit code 2 if one "
+                       "cannot be paired")
+    chain.add_argument("--teacher-cache", metavar="DIR", help="teacher-output cache of every stage (same as --set distill.cache.dir=DIR)")
+    chain.set_defaults(func=cmd_chain)
 
     compare = sub.add_parser("compare", help="table of teacher, baseline and distilled students from run directories")
     compare.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories of kdet train / kdet distill")

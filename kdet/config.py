@@ -230,6 +230,31 @@ class DistillConfig(Config):
         return [t.model_copy(update={"name": t.name or f"teacher{i}"}) for i, t in enumerate(self.teacher)]
 
 
+class ChainStage(Strict):
+    name: str | None = Field(None, pattern=TEACHER_NAME, description="the stage's name; its run directory is N-NAME under "
+                             "kdet chain --out (default: assistantN)")
+    model: dict[str, Any] = Field(default_factory=dict, description="the stage student's model: the keys of model: that "
+                                  "differ from the final student's ({size: s}); {} for the same model (a born-again "
+                                  "generation)")
+
+    @field_validator("model")
+    @classmethod
+    def _model_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            ModelConfig.model_validate(value)
+        except ValidationError as error:
+            raise ValueError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())) from None
+        return value
+
+
+class ChainConfig(DistillConfig):
+    """A distillation config whose teacher teaches through a chain of students (``kdet chain``):
+    teacher -> chain[0] -> chain[1] ... -> ``model``, each stage's student the next stage's teacher."""
+
+    chain: list[ChainStage] = Field(..., min_length=1, description="the stages between the teacher and the final student "
+                                    "(model:), in order")
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading, overriding and error messages
 # ---------------------------------------------------------------------------------------------
