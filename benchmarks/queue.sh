@@ -6,7 +6,8 @@
 run_one() {
   local cmd=$1 out=${1##*--out }
   if [ -f "$out/results.json" ]; then echo "done already: $out"; return 0; fi
-  if pgrep -f "python.*kdet.* --out $out( --resume)?\$" > /dev/null; then echo "running elsewhere: $out"; return 0; fi
+  # a kdet process of this run (its command line starts with the python that runs it, unlike the shells around it)
+  if pgrep -f "^[^ ]*python[^ ]* .*kdet.* --out $out( --resume)?\$" > /dev/null; then echo "running elsewhere: $out"; return 0; fi
   if [ -f "$out/last.pt" ]; then cmd="$cmd --resume"; fi
   mkdir -p "$out"
   echo "start: $out"
