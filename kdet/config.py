@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -43,8 +43,27 @@ class DataConfig(Strict):
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     input_size: int = Field(320, ge=32, description="square model input; images are letterboxed to it")
     augment: AugmentConfig = AugmentConfig()
-    cache_images: bool = Field(True, description="keep letterboxed images in memory")
+    cache: Literal["ram", "disk", "none"] = Field(
+        "ram", description="letterboxed images: ram (decoded once per run, kept in memory), disk (decoded once per source "
+                           "file and input size, kept in data.cache_dir and shared by runs and seeds), none (decoded at every use)"
+    )
+    cache_dir: str | None = Field(None, description="folder of the disk image cache (default: $XDG_CACHE_HOME/kdet/images, "
+                                  "else ~/.cache/kdet/images)")
+    cache_images: bool | None = Field(None, exclude=True, description="older spelling: true is cache: ram, false is cache: none")
     workers: int = Field(1, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cache_images_alias(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("cache_images"), bool):
+            return data
+        data = dict(data)
+        cache = "ram" if data.pop("cache_images") else "none"
+        if data.get("cache", cache) != cache:
+            raise ValueError(f"data.cache_images (older spelling of data.cache) says {cache} but data.cache says "
+                             f"{data['cache']}; keep data.cache only")
+        data["cache"] = cache
+        return data
 
     @field_validator("input_size")
     @classmethod

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from torchvision.transforms.v2 import functional as TF
 from ..config import AugmentConfig
 from ..structures import ImageRecord
 from .common import open_upright
+from .image_cache import DiskImageCache
 
 PAD_VALUE = 114  # grey, as YOLOv5 pads
 
@@ -110,7 +112,10 @@ class DetectionDataset(Dataset):
     """Letterboxed (and, for training, augmented) images with their targets.
 
     Item: ``(image float [3, S, S] in [0, 1], target {"boxes": [M, 4] input px, "labels": [M]},
-    index)``. With ``cache=True`` letterboxed images are decoded once and kept in memory.
+    index)``. ``cache``: ``"ram"`` (or ``True``) decodes every letterboxed image once, here, and
+    keeps it in memory; ``"disk"`` reads it from a :class:`~kdet.data.image_cache.DiskImageCache`
+    in ``cache_dir`` (decoded and stored at first use, shared with other runs); ``"none"`` (or
+    ``False``) decodes it at every use.
 
     With ``augment``, ``dataset[i]`` is :meth:`sample` ``(i, epoch)`` for the epoch last given to
     :meth:`set_epoch` (as ``DistributedSampler.set_epoch``; the trainer sets it before every
@@ -124,7 +129,8 @@ class DetectionDataset(Dataset):
         input_size: int,
         *,
         augment: AugmentConfig | None = None,
-        cache: bool = True,
+        cache: bool | str = True,
+        cache_dir: str | Path | None = None,
         seed: int = 0,
     ) -> None:
         self.records = records
@@ -134,13 +140,21 @@ class DetectionDataset(Dataset):
         self.augment = build_augmentation(augment) if augment is not None else None
         self.seed = seed
         self.epoch = 1
-        self._cache: list[Tensor] | None = [self._load(i) for i in range(len(records))] if cache else None
+        mode = {True: "ram", False: "none"}.get(cache, cache) if isinstance(cache, bool) else cache
+        if mode not in ("ram", "disk", "none"):
+            raise ValueError(f"cache must be 'ram', 'disk' or 'none', got {cache!r}")
+        self.cache_mode = mode
+        self._disk = DiskImageCache(cache_dir) if mode == "disk" else None
+        self._cache: list[Tensor] | None = [self._load(i) for i in range(len(records))] if mode == "ram" else None
 
     def __len__(self) -> int:
         return len(self.records)
 
     def _load(self, index: int) -> Tensor:
-        return letterbox_image(load_image(self.records[index].path), self.boxes[index])
+        path, box = self.records[index].path, self.boxes[index]
+        if self._disk is not None:
+            return self._disk.load(path, box.size, lambda: letterbox_image(load_image(path), box))
+        return letterbox_image(load_image(path), box)
 
     def letterboxed(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
         """``uint8`` letterboxed image, boxes in input px and labels, before augmentation."""

@@ -134,7 +134,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: Config, steps_per_
 def training_set(config: Config, index: DatasetIndex) -> DetectionDataset:
     """The augmented training split, each sample a function of ``(config.seed, epoch, index)``."""
     return DetectionDataset(index.split(config.data.train_split), config.data.input_size, augment=config.data.augment,
-                            cache=config.data.cache_images, seed=config.seed)
+                            cache=config.data.cache, cache_dir=config.data.cache_dir, seed=config.seed)
+
+
+def validation_set(config: Config, records: list) -> DetectionDataset:
+    """``records`` letterboxed without augmentation, cached as ``data.cache`` says."""
+    return DetectionDataset(records, config.data.input_size, augment=None, cache=config.data.cache, cache_dir=config.data.cache_dir)
 
 
 def test_split(config: Config, index: DatasetIndex) -> str:
@@ -214,9 +219,12 @@ def code_version() -> dict:
 
 
 def check_resume_config(config: Config, saved: Config) -> None:
-    """A resumed run must train the same thing; only ``train.epochs`` may grow."""
+    """A resumed run must train the same thing; only ``train.epochs`` may grow, and the image
+    cache (``data.cache``, ``data.cache_dir``), which changes no sample, may change."""
     new, old = config_to_dict(config), config_to_dict(saved)
     new["train"]["epochs"] = old["train"]["epochs"] = 0
+    for key in ("cache", "cache_dir"):
+        new["data"][key] = old["data"][key] = None
     if config.model.anchors == "auto":  # the saved config holds the anchors k-means chose
         new["model"]["anchors"] = old["model"]["anchors"]
     diffs = _diff(old, new)

@@ -48,6 +48,7 @@ from .setup import (
     set_rng_state,
     test_split,
     training_set,
+    validation_set,
 )
 from .step import Batch, HookBase, TrainStep
 from .watch import LossWatch
@@ -245,7 +246,7 @@ def train(
     if model_config.weights and not saved:
         init_weights_from(model, model_config.weights, log, allow_partial=model_config.partial_weights)
     train_set = training_set(config, index)
-    val_set = DetectionDataset(index.split(config.data.val_split), size, augment=None, cache=config.data.cache_images)
+    val_set = validation_set(config, index.split(config.data.val_split))
     steps_per_epoch = max(1, len(train_set) // config.train.batch_size) if len(train_set) > config.train.batch_size else 1
     # built after the model, so a run with a distiller starts from the same initial weights
     run_step = (step(model, index, train_set, log) if step is not None else TrainStep(model)).to(device)
