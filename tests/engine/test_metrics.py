@@ -177,3 +177,59 @@ def test_format_metrics_table_lists_every_class():
     console.print(format_metrics_table(metrics, ["thing"]))
     text = console.file.getvalue()
     assert "thing" in text and "0.556" in text and "1 difficult" in text
+
+
+def _noisy_predictions(records, num_classes: int, seed: int = 0) -> list[ImagePredictions]:
+    """Detections of every kind COCO matching meets: ground-truth boxes moved by up to a fifth of
+    their size (matches at some IoU thresholds, not others), duplicates, wrong classes, boxes on
+    the background, more than 100 on some images, none on one."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, r in enumerate(records[1:]):  # the first image gets no prediction
+        wh = np.maximum(r.boxes[:, 2:] - r.boxes[:, :2], 1)
+        jitter = rng.uniform(-0.2, 0.2, (2, len(r.boxes), 4)) * np.tile(wh, 2)
+        moved = np.concatenate([r.boxes + jitter[0], r.boxes + jitter[1]])
+        labels = np.concatenate([r.labels, np.where(rng.random(len(r.labels)) < 0.3, rng.integers(0, num_classes, len(r.labels)), r.labels)])
+        count = 120 if i % 5 == 0 else 10
+        corner = rng.uniform(0, [r.width, r.height], (count, 2))
+        size = rng.uniform(4, 0.5 * min(r.width, r.height), (count, 2))
+        background = np.concatenate([corner, corner + size], 1)
+        boxes = np.concatenate([moved, background]).clip(0, [r.width, r.height] * 2)
+        labels = np.concatenate([labels, rng.integers(0, num_classes, count)])
+        scores = np.concatenate([rng.uniform(0.3, 1.0, len(moved)), rng.uniform(0.0, 0.7, count)])
+        out.append(preds(r.image_id, boxes, scores, labels))
+    return out
+
+
+def test_faster_coco_eval_gives_the_numbers_of_pycocotools():
+    pytest.importorskip("faster_coco_eval")
+    from kdet.data import read_dataset, resolve_data_path
+
+    index = read_dataset(resolve_data_path("bundled:bccd"))
+    records = index.split("test")
+    predictions = _noisy_predictions(records, len(index.class_names))
+    assert len(records) > 30 and sum(len(p.labels) for p in predictions) > 1000
+    slow = evaluate(records, predictions, index.class_names, coco_evaluator="pycocotools")
+    fast = evaluate(records, predictions, index.class_names, coco_evaluator="faster-coco-eval")
+    assert slow["coco_evaluator"].startswith("pycocotools") and fast["coco_evaluator"].startswith("faster-coco-eval")
+    assert 0.05 < slow["coco"]["AP"] < 0.95  # neither trivial case
+    assert _flat(fast["coco"]) == pytest.approx(_flat(slow["coco"]), abs=1e-12)  # float summation order aside
+    # and on the hand-made cases: an image without predictions, a class without ground truth
+    for case in (hand_case(), ([record("a", [[10, 10, 60, 60]], [0])], [preds("a", [[100, 100, 150, 150]], [0.8], [1])])):
+        names = ["thing", "other"]
+        assert _flat(evaluate(*case, names, coco_evaluator="faster-coco-eval")["coco"]) == \
+            pytest.approx(_flat(evaluate(*case, names, coco_evaluator="pycocotools")["coco"]), abs=1e-12)
+
+
+def _flat(metrics: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in metrics.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def test_the_evaluator_is_named_and_checked():
+    records, predictions = hand_case()
+    with pytest.raises(ValueError, match="coco_evaluator must be one of"):
+        evaluate(records, predictions, ["thing"], coco_evaluator="detectron2")
+    assert evaluate(records, predictions, ["thing"])["coco_evaluator"].split()[0] in ("faster-coco-eval", "pycocotools")
