@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -69,18 +70,31 @@ def config_path(name: str) -> Path:
     return path if path.exists() or path.suffix in (".yaml", ".yml") else packaged_config(name)
 
 
+def _process_group(config):
+    """The torchrun process group for a training run (nothing outside torchrun) and the log of
+    this process: rank 0 logs, the others stay quiet."""
+    from .engine import distributed
+    from .engine.setup import pick_device
+
+    group = distributed.process_group_from_env(pick_device(config.train.device))
+    quiet = distributed.launched_with() > 1 and int(os.environ.get("RANK", "0")) != 0
+    return group, (lambda _: None) if quiet else _log
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_student_config
     from .engine.trainer import train
 
     config, was_distill = load_student_config(config_path(args.config), args.set)
+    group, log = _process_group(config)
     if was_distill:
-        _log("a distillation config: training its student without the teacher (the baseline for kdet distill)")
+        log("a distillation config: training its student without the teacher (the baseline for kdet distill)")
     if args.resume and not args.out:
         raise ValueError("--resume needs --out RUN_DIR: the run to continue")
     out = Path(args.out) if args.out else default_run_dir(args.config)
-    _log(f"run directory: {out}")
-    train(config, out, resume=args.resume, log=_log, progress=console.is_terminal)
+    log(f"run directory: {out}")
+    with group:
+        train(config, out, resume=args.resume, log=log, progress=console.is_terminal)
     return 0
 
 
@@ -107,11 +121,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from .distill.run import distill
 
     config = load_config(config_path(args.config), args.set + _teacher_cache_overrides(args), schema=DistillConfig)
+    group, log = _process_group(config)
     if args.resume and not args.out:
         raise ValueError("--resume needs --out RUN_DIR: the run to continue")
     out = Path(args.out) if args.out else default_run_dir(args.config)
-    _log(f"run directory: {out}")
-    distill(config, out, resume=args.resume, log=_log, progress=console.is_terminal)
+    log(f"run directory: {out}")
+    with group:
+        distill(config, out, resume=args.resume, log=log, progress=console.is_terminal)
     return 0
 
 
@@ -323,7 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True)
     convert.set_defaults(func=cmd_data_convert)
 
-    train = sub.add_parser("train", help="train a detector from a YAML config")
+    torchrun_note = ("Several processes (GPUs, or CPU processes) train one model together when started with torchrun: "
+                     "torchrun --nproc-per-node N -m kdet %s CONFIG ... train.batch_size is the batch of all processes "
+                     "together; rank 0 alone writes the run directory; --resume works with any number of processes.")
+    train = sub.add_parser("train", help="train a detector from a YAML config",
+                           description="Train a detector from a YAML config. " + torchrun_note % "train")
     train.add_argument("config", help="a YAML config file, or a recipe name from kdet/configs: bccd_teacher, bccd_student, bccd_student_dfl, bccd_fcos, demo")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.epochs=10 (repeatable)")
     train.add_argument("--out", help="run directory (default: runs/<config name>)")
@@ -336,7 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     check_pair.add_argument("--json", action="store_true", help="print the report as JSON")
     check_pair.set_defaults(func=cmd_check)
 
-    distill = sub.add_parser("distill", help="train a student against a frozen teacher (runs `kdet check` first)")
+    distill = sub.add_parser("distill", help="train a student against a frozen teacher (runs `kdet check` first)",
+                             description="Train a student against a frozen teacher (runs `kdet check` first). "
+                             + torchrun_note % "distill" + " The teacher cache is built by rank 0 and read by every process.")
     distill.add_argument("config", help="a distillation YAML config, or a recipe name from kdet/configs: bccd_distill")
     distill.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config key, e.g. distill.features=false or 'distill.terms=[{loss: kl}]' (repeatable)")
@@ -448,8 +470,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TORCHRUN_COMMANDS = ("train", "distill")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in TORCHRUN_COMMANDS:
+        print(f"kdet {args.command}: error: runs in one process; only kdet {' and kdet '.join(TORCHRUN_COMMANDS)} "
+              f"run under torchrun with several processes", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -99,7 +99,8 @@ class ModelConfig(Strict):
 
 class TrainConfig(Strict):
     epochs: int = Field(30, ge=1)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="images per optimiser step, over all processes under torchrun (each "
+                            "process takes batch_size / processes of them)")
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
@@ -114,7 +115,18 @@ class TrainConfig(Strict):
     eval_every: int = Field(1, ge=1, description="evaluate on the validation split every N epochs")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
-    amp: bool = Field(False, description="mixed precision (CUDA only)")
+    amp: Literal["bf16", "fp16", "none"] = Field(
+        "none", description="mixed precision: bf16 (CUDA or CPU), fp16 (CUDA, with a gradient scaler that skips steps whose "
+                            "loss or gradients are not finite; on the CPU training stays fp32), none. true is fp16, false none"
+    )
+    sync_bn: bool = Field(False, description="torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm) "
+                          "instead of each process's share")
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_bool(cls, value: Any) -> Any:
+        # configs written when train.amp was a switch for fp16 on CUDA
+        return {True: "fp16", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
 
 class EvalConfig(Strict):

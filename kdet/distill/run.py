@@ -10,6 +10,7 @@ import torch
 
 from ..config import ConfigError, DistillConfig
 from ..data.pipeline import DetectionDataset
+from ..engine import distributed
 from ..models import Detector
 from ..structures import DatasetIndex
 from .cache import CachedTeacher
@@ -53,6 +54,8 @@ def distill(config: DistillConfig, out_dir: str | Path, *, resume: bool = False,
         return step
 
     results = train(config, out_dir, resume=resume, log=log, progress=progress, step=build)
+    if not distributed.is_main_process():  # under torchrun, rank 0 alone scores the teachers and writes results.json
+        return results
     results.update(teacher_entries(made, config, log))
     if "cache" in made:
         results["teacher_cache"] = made["cache"]

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..config import ConfigError, DistillConfig, TeacherConfig
 from ..data.pipeline import DetectionDataset
+from ..engine import distributed
 from ..models import Detector
 from ..structures import DatasetIndex, ImageRecord
 from .distiller import Distiller, load_teacher
@@ -100,19 +101,23 @@ def build_step(config: DistillConfig, student: Detector, index: DatasetIndex, tr
     links, pairing = pair_config(config, student, index.class_names)
     for line in report_lines(shown(pairing)):
         log(line)
-    (out_dir / "pairing.json").write_text(json.dumps(report_dict(shown(pairing)), indent=1))
+    main = distributed.is_main_process()  # under torchrun, rank 0 alone writes the run directory
+    if main:
+        (out_dir / "pairing.json").write_text(json.dumps(report_dict(shown(pairing)), indent=1))
     pairing.raise_errors()
     made: dict = {"links": links, "index": index}
     if config.distill.cache.dir:
         device = next(student.parameters()).device
         stats = {}
         for link in links:
-            link.cached, stats[link.name] = prepare_cache(config, link.model.to(device), link.report, train_set, log)
+            with distributed.main_process_first():  # rank 0 builds the cache, the other processes then open it
+                link.cached, stats[link.name] = prepare_cache(config, link.model.to(device), link.report, train_set, log)
             link.model.cpu()
-        made["cache"] = record_cache_build(out_dir, cache_stats(stats))
+        if main:
+            made["cache"] = record_cache_build(out_dir, cache_stats(stats))
     step = Distiller(student, links, pairing, config.distill.hard_weight, schedule=config.distill.schedule,
                      final_ratio=config.distill.final_ratio, stop_epoch=config.distill.stop_epoch, assign=config.distill.assign,
-                     auto=config.distill.auto, log=log, auto_weights_file=out_dir / "auto_weights.json")
+                     auto=config.distill.auto, log=log, auto_weights_file=out_dir / "auto_weights.json" if main else None)
     return step, made
 
 

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from ..config import Config, ConfigError, ModelConfig, config_to_dict
 from ..data import read_dataset, resolve_data_path
@@ -42,6 +42,36 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device is {name!r} but CUDA is not available here; use auto or cpu")
     return device
+
+
+def amp_settings(amp: str, device: torch.device, log: Log) -> tuple[torch.dtype | None, bool]:
+    """``(autocast dtype or None, whether a GradScaler is needed)`` for ``train.amp`` on ``device``.
+    fp16 is for CUDA; on the CPU it trains in fp32 as ``train.amp: true`` always did there, and
+    says so (bf16 is the CPU's mixed precision)."""
+    if amp == "none":
+        return None, False
+    if amp == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"train.amp: bf16 is not supported by {torch.cuda.get_device_name(device)}; use fp16 or none")
+        return torch.bfloat16, False
+    if device.type != "cuda":
+        log(f"train.amp: fp16 runs on CUDA only; training in fp32 on {device.type} (train.amp: bf16 is mixed precision there)")
+        return None, False
+    return torch.float16, True
+
+
+def check_world(config: Config, world: int, device: torch.device, train_images: int) -> None:
+    """Refuse settings that several processes (torchrun) cannot train."""
+    if world == 1:
+        return
+    if config.train.batch_size % world:
+        raise ConfigError(f"train.batch_size {config.train.batch_size} is the batch of all {world} processes together and "
+                          f"must divide among them; use a multiple of {world}, e.g. {config.train.batch_size // world * world or world}")
+    if min(train_images, config.train.batch_size) < world:
+        raise ConfigError(f"the training split has {train_images} image(s), fewer than the {world} processes")
+    if config.train.sync_bn and device.type != "cuda":
+        raise ConfigError("train.sync_bn: SyncBatchNorm needs CUDA (PyTorch synchronises BatchNorm on GPUs only); "
+                          "set train.sync_bn=false on the CPU")
 
 
 def load_data(config: Config, log: Log) -> DatasetIndex:
@@ -171,20 +201,26 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def epoch_loader(dataset: DetectionDataset, config: Config, epoch: int) -> DataLoader:
+def epoch_loader(dataset: DetectionDataset, config: Config, epoch: int, *, rank: int = 0, world: int = 1) -> DataLoader:
     """The loader of one epoch: its shuffle order depends only on ``(seed, epoch)``, and each
     sample's augmentation only on ``(seed, the dataset's epoch, index)`` (see
     :meth:`~kdet.data.pipeline.DetectionDataset.sample`), so a resumed run sees the same batches
-    as an uninterrupted one."""
+    as an uninterrupted one. Batches hold ``train.batch_size`` images (the last, incomplete one
+    dropped unless it is the only one); process ``rank`` of ``world`` (torchrun) gets its share of
+    each (:class:`~kdet.engine.distributed.RankShare`)."""
+    from .distributed import RankShare
+
     seed = config.seed * 100_003 + epoch
     torch.manual_seed(seed)
     random.seed(seed)
     generator = torch.Generator().manual_seed(seed)
+    # what DataLoader(shuffle=True, batch_size=..., generator=generator) builds, so one process
+    # draws the batches it always drew
+    batches = BatchSampler(RandomSampler(dataset, generator=generator), config.train.batch_size,
+                           drop_last=len(dataset) > config.train.batch_size)
     return DataLoader(
         dataset,
-        batch_size=config.train.batch_size,
-        shuffle=True,
-        drop_last=len(dataset) > config.train.batch_size,
+        batch_sampler=RankShare(batches, rank, world),
         collate_fn=collate,
         num_workers=config.data.workers,
         generator=generator,

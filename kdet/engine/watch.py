@@ -3,6 +3,7 @@ loss grows by orders of magnitude (too high a learning rate, broken labels) othe
 "successfully" with a useless model."""
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 from .step import HookBase
@@ -24,6 +25,8 @@ class LossWatch(HookBase):
 
     def after_step(self, trainer) -> None:
         loss = float(trainer.loss)
+        if not math.isfinite(loss):  # a step the fp16 scaler skipped; any other non-finite loss has stopped the run
+            return
         if self.reference is None:
             self.reference = max(loss, 1e-6)
             return
