@@ -55,9 +55,9 @@ class ChainRun:
 
 def chain_runs(config: ChainConfig, out: Path) -> list[ChainRun]:
     """The runs of ``config``'s chain, in the order they train (see the module docstring)."""
-    if isinstance(config.teacher, list) or config.teacher.self:
-        raise ConfigError("kdet chain: give one teacher checkpoint (or teacher.model with teacher.weights); a chain passes "
-                          "one teacher from stage to stage")
+    if isinstance(config.teacher, list) or config.teacher.self or config.teacher.train:
+        raise ConfigError("kdet chain: give one fixed teacher, a checkpoint or teacher.model with teacher.weights (no list, "
+                          "self: ema or train: true); a chain passes one teacher from stage to stage")
     base = config.model_dump(mode="json", exclude={"chain"})
     student = {k: v for k, v in base.items() if k not in ("teacher", "distill")}
     runs = [ChainRun("baseline", "baseline", Config.model_validate(student))]

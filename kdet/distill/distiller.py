@@ -28,6 +28,7 @@ from ..structures import DetectorOutput, Targets
 from .cache import CachedTeacher
 from .losses import DISTILL_LOSSES
 from .pairing import FeaturePair, PairingReport, TermPlan, level_quality, pair, pick_best_anchor, response_level
+from .online import OnlineTeacher, detached
 from .teachers import TeacherLink, TeacherPairing, Term, average_levels
 
 
@@ -105,6 +106,7 @@ class Distiller(TrainStep):
         hard_weight: float = 1.0, *, schedule: str = "constant",
         final_ratio: float = 0.0, cached: CachedTeacher | None = None, stop_epoch: int | None = None, assign: str = "own",
         auto: AutoWeightConfig | None = None, log: Callable[[str], None] | None = None, auto_weights_file: Path | None = None,
+        online: OnlineTeacher | None = None,
     ) -> None:
         super().__init__(student)
         if isinstance(teacher, nn.Module):
@@ -118,12 +120,27 @@ class Distiller(TrainStep):
         self.pairing = pairing
         self.report = links[0].report
         self.cached = links[0].cached
-        # live frozen teachers follow the step to its device; cached ones stay outside the module
+        # live teachers follow the step to its device (a trained one is optimised with the student);
+        # cached ones stay outside the module
         for link in links:
             if link.mode == "frozen":
                 link.model.eval().requires_grad_(False)
-        live = {link.name: link.model for link in links if link.cached is None and link.mode == "frozen"}
+            elif link.mode == "trained":
+                link.model.train().requires_grad_(True)
+        live = {link.name: link.model for link in links if link.cached is None and link.mode in ("frozen", "trained")}
         self.teachers = nn.ModuleDict(live)
+        self.trained = next((link for link in links if link.mode == "trained"), None)
+        self.online = None
+        if self.trained is not None:
+            if self.trained.reverse is None:
+                raise ValueError("Distiller: a trained teacher needs its reverse pairing (the student as its teacher)")
+            self.online = online or OnlineTeacher(self.trained.model, self.trained.model_config, input_size=self.report.student.input_size[0],
+                                                  out_dir=None, validate=None)
+            if self.online.ema is not None:
+                self.online_average = self.online.ema.module  # moves with the step; never optimised
+            # the teacher learns through the response terms in reverse: the student paired as its teacher
+            self.reverse_link = TeacherLink("student", student, self.trained.reverse)
+            self.reverse_plans = {plan.index: plan for plan in self.trained.reverse.terms if plan.active}
         self.epoch = 1
         self.hard_weight = hard_weight
         self.schedule = schedule
@@ -180,7 +197,13 @@ class Distiller(TrainStep):
     def before_step(self, trainer) -> None:
         self.progress = trainer.progress
 
+    def after_step(self, trainer) -> None:
+        if self.online is not None:
+            self.online.after_step()
+
     def after_epoch(self, trainer) -> None:
+        if self.online is not None:
+            self.online.after_epoch(trainer.epoch, trainer.epochs)
         if self.auto_state and self.auto_weights_file is not None:
             record = {**self.auto_weights(), "steps_measured": {f"distill.terms.{i}": n for i, (_, n) in self.auto_state.items()},
                       "fraction": self.auto.fraction}
@@ -221,10 +244,14 @@ class Distiller(TrainStep):
         state = dict(self.connectors.state_dict())
         state.update({f"loss_modules.{k}": v for k, v in self.loss_modules.state_dict().items()})
         state.update({f"auto_weight.{i}": torch.tensor(v, dtype=torch.float64) for i, v in self.auto_state.items()})
+        if self.online is not None:  # a teacher trained online is part of the run
+            state.update({f"online.{k}": v for k, v in self.online.state_dict().items()})
         return state
 
     def load_saved_state(self, state: dict) -> None:
-        connectors = {k: v for k, v in state.items() if not k.startswith(("loss_modules.", "auto_weight."))}
+        if self.online is not None:
+            self.online.load_state_dict({k.removeprefix("online."): v for k, v in state.items() if k.startswith("online.")})
+        connectors = {k: v for k, v in state.items() if not k.startswith(("loss_modules.", "auto_weight.", "online."))}
         self.connectors.load_state_dict(connectors)
         self.loss_modules.load_state_dict({k.removeprefix("loss_modules."): v for k, v in state.items() if k.startswith("loss_modules.")})
         for key, value in state.items():
@@ -242,8 +269,19 @@ class Distiller(TrainStep):
             raise ValueError("Distiller: every image of the batch must be labelled")
         if not self.distilling:
             out = self.student(batch.images, batch.targets)
-            return self.hard_weight * out.loss, {f"det_{k}": v.detach() for k, v in out.losses.items()}
-        teacher_outs = {link.name: self.teacher_output(link, batch) for link in self.links}
+            total, losses = self.hard_weight * out.loss, {f"det_{k}": v.detach() for k, v in out.losses.items()}
+            if self.trained is not None:  # both models go on learning from the labels
+                taught = self.trained.model(batch.images, batch.targets)
+                total = total + self.hard_weight * taught.loss
+                losses.update({f"teacher_det_{k}": v.detach() for k, v in taught.losses.items()})
+            return total, losses
+        teacher_outs, taught = {}, None
+        for link in self.links:
+            if link.mode == "trained":  # with gradients and its own loss; the student reads it detached
+                taught = link.model(batch.images, batch.targets)
+                teacher_outs[link.name] = detached(taught)
+            else:
+                teacher_outs[link.name] = self.teacher_output(link, batch)
         if self.assign_from_teacher:
             out = self.student(batch.images, batch.targets, assign_from=self.assignment_levels(teacher_outs[self.links[0].name]))
         else:
@@ -252,6 +290,7 @@ class Distiller(TrainStep):
         total = self.hard_weight * out.loss
         context = BatchContext(batch, out, teacher_outs[self.links[0].name], self)
         factor = self.weight_factor()
+        weights = {}
         for term in self.terms:
             if term.averaged:
                 value = self.averaged_term(term, out, teacher_outs, context)
@@ -259,10 +298,31 @@ class Distiller(TrainStep):
                 link = self.link(next(iter(term.plans)))
                 value = self.term(term.plan, out, teacher_outs[link.name], context.for_teacher(link, teacher_outs[link.name]), link)
             losses[f"kd{term.index}_{term.config.loss}"] = value.detach()
-            total = total + factor * self.term_weight(term.plan, value, out.loss) * value
+            weights[term.index] = self.term_weight(term.plan, value, out.loss)
+            total = total + factor * weights[term.index] * value
+        if taught is not None:
+            total = total + self.hard_weight * taught.loss + factor * self.reverse_terms(batch, out, taught, weights, losses)
         if self.schedule != "constant":
             losses["kd_weight_factor"] = torch.tensor(factor)
         return total, losses
+
+    def reverse_terms(self, batch: Batch, student: DetectorOutput, teacher: DetectorOutput, weights: dict[int, float],
+                      losses: dict[str, Tensor]) -> Tensor:
+        """What the teacher trained online learns besides its labels: every response term with
+        the roles swapped (the student's outputs detached), each weighted as its forward term.
+        Adds its own loss terms (``teacher_det_*``) and the reversed terms (``tkd<i>_*``) to ``losses``."""
+        losses.update({f"teacher_det_{k}": v.detach() for k, v in teacher.losses.items()})
+        target = detached(student)
+        context = BatchContext(batch, teacher, target, self, self.reverse_link)
+        total = teacher.loss.new_zeros(())
+        for term in self.terms:
+            plan = self.reverse_plans.get(term.index)
+            if plan is None:
+                continue
+            value = self.term(plan, teacher, target, context, self.reverse_link)
+            losses[f"tkd{term.index}_{term.config.loss}"] = value.detach()
+            total = total + weights[term.index] * value
+        return total
 
     def assignment_levels(self, teacher: DetectorOutput) -> list:
         """The teacher's head levels the student's assignment reads (``distill.assign:

@@ -9,13 +9,16 @@ from typing import Callable
 
 import numpy as np
 
-from ..config import ConfigError, DistillConfig, TeacherConfig
+from ..config import ConfigError, DistillConfig, ModelConfig, TeacherConfig
 from ..data.pipeline import DetectionDataset
 from ..engine import distributed
-from ..models import Detector
+from ..models import Detector, ModelSpec, build_model
 from ..structures import DatasetIndex, ImageRecord
 from .distiller import Distiller, load_teacher
-from .pairing import PairingReport
+from .losses import DISTILL_LOSSES
+from .online import OnlineTeacher
+from .pairing import PairingReport, pair
+from .recipe import teacher_model_config
 from .teachers import TeacherLink, TeacherPairing, pair_teachers, several_report_dict, teacher_lines
 
 Log = Callable[[str], None]
@@ -37,23 +40,48 @@ def check_strategies(config: DistillConfig) -> None:
     if special and config.distill.cache.dir:
         raise ConfigError("teacher: {self: ema} changes with every step, so its outputs cannot be cached; remove "
                           "--teacher-cache / distill.cache.dir")
+    trained = [(key, t) for key, t in zip(_teacher_keys(config), teachers) if t.train]
+    if trained and (len(teachers) > 1 or trained[0][1].self):
+        raise ConfigError(f"{trained[0][0]}.train: online distillation trains one teacher beside the student; give one "
+                          f"teacher (a checkpoint, or teacher.model) and no self: ema")
+    if trained and config.distill.cache.dir:
+        raise ConfigError("teacher.train: true changes the teacher with every step, so its outputs cannot be cached; remove "
+                          "--teacher-cache / distill.cache.dir")
 
 
 def _teacher_keys(config: DistillConfig) -> list[str]:
     return ["teacher"] if not isinstance(config.teacher, list) else [f"teacher.{i}" for i in range(len(config.teacher))]
 
 
-def load_teachers(config: DistillConfig, class_names: list[str]) -> list[tuple[TeacherConfig, Detector | None, int | None]]:
+def load_teachers(config: DistillConfig, class_names: list[str], student: ModelSpec | None = None
+                  ) -> list[tuple[TeacherConfig, Detector | None, int | None]]:
     """Every teacher of ``config`` (named), loaded frozen, with the input size it was trained at;
-    ``None`` for the student's own EMA (``self: ema``), which exists once training starts."""
+    ``None`` for the student's own EMA (``self: ema``), which exists once training starts. A
+    teacher trained online from scratch (``teacher.model`` without weights) is built new, with
+    the ``student``'s anchors for ``anchors: auto``."""
     out = []
     for teacher in config.teachers():
         if teacher.self:
             out.append((teacher, None, None))
-            continue
-        model, trained_size = load_teacher(teacher, class_names, config.data.input_size)
-        out.append((teacher, model, trained_size))
+        elif teacher.train and teacher.model is not None and not teacher.weights:
+            model = build_model(online_model_config(teacher, student), class_names, config.data.input_size)
+            out.append((teacher, model.eval(), teacher.input_size or config.data.input_size))
+        else:
+            model, trained_size = load_teacher(teacher, class_names, config.data.input_size)
+            out.append((teacher, model, trained_size))
     return out
+
+
+def online_model_config(teacher: TeacherConfig, student: ModelSpec | None) -> ModelConfig:
+    """The architecture of a teacher trained online, as its ``teacher_best.pt`` records it."""
+    if teacher.model is None:
+        return teacher_model_config(teacher)
+    model = teacher.model
+    if model.family == "yolo" and model.head == "anchor" and model.anchors == "auto":
+        anchors = [[list(a) for a in level.anchors] for level in student.levels] if (
+            not teacher.weights and student is not None and all(level.anchors for level in student.levels)) else "default"
+        model = model.model_copy(update={"anchors": anchors})
+    return model.model_copy(update={"pretrained_backbone": None if teacher.weights else model.pretrained_backbone})
 
 
 def pair_config(config: DistillConfig, student: Detector, class_names: list[str],
@@ -62,16 +90,48 @@ def pair_config(config: DistillConfig, student: Detector, class_names: list[str]
     size. The student's own EMA is paired as the student (it has the student's architecture)."""
     check_strategies(config)
     size = (config.data.input_size, config.data.input_size)
-    teachers = teachers if teachers is not None else load_teachers(config, class_names)
     student_spec = student.describe(size)
-    pairing = pair_teachers([(t, model.describe(size) if model is not None else student_spec, trained)
-                             for t, model, trained in teachers], student_spec, config.distill)
+    teachers = teachers if teachers is not None else load_teachers(config, class_names, student_spec)
+    specs = {t.name: model.describe(size) if model is not None else student_spec for t, model, _ in teachers}
+    pairing = pair_teachers([(t, specs[t.name], trained) for t, _, trained in teachers], student_spec, config.distill)
     links = [TeacherLink(t.name, model if model is not None else student, pairing.reports[t.name], t.weight,
-                         mode="ema" if t.self else "frozen") for t, model, _ in teachers]
+                         mode="ema" if t.self else "trained" if t.train else "frozen") for t, model, _ in teachers]
+    # what concerns the whole run goes where kdet check shows it: the teacher's report when there is one
+    shown_notes = pairing.notes if pairing.several else links[0].report.notes
+    shown_errors = pairing.errors if pairing.several else links[0].report.errors
     if any(link.mode == "ema" for link in links):
-        pairing.notes.append("teacher: the student's own exponential moving average (mean teacher), updated after every "
-                             "step; it starts as the student and lags behind it")
+        shown_notes.append("teacher: the student's own exponential moving average (mean teacher), updated after every "
+                           "step; it starts as the student and lags behind it")
+    for (config_entry, _, _), link in zip(teachers, links):
+        if link.mode == "trained":
+            link.model_config = online_model_config(config_entry, student_spec)
+            _pair_online(config, link, specs[link.name], student_spec, shown_notes, shown_errors)
     return links, pairing
+
+
+def _pair_online(config: DistillConfig, link: TeacherLink, teacher: ModelSpec, student: ModelSpec, notes: list[str],
+                 errors: list[str]) -> None:
+    """A teacher trained online: it learns the run's labels, so it needs the data's classes, and
+    it learns from the student through the response terms in reverse (``link.reverse``)."""
+    if list(teacher.class_names) != list(student.class_names):
+        errors.append(f"teacher.train: true trains the teacher on this data's labels, so it needs the data's classes in "
+                      f"order ({list(student.class_names)}); the teacher has {list(teacher.class_names)}. Start it from "
+                      f"teacher.model (from scratch) or from a checkpoint trained on this data")
+    reversible, skipped = set(), []
+    for plan in link.report.terms:
+        loss = DISTILL_LOSSES.get(plan.config.loss)
+        if plan.kind != "response":
+            continue
+        if "assignment" in loss.context:
+            skipped.append(plan.key)
+        else:
+            reversible.add(plan.index)
+    link.reverse = pair(student, teacher, config.distill, only=reversible)
+    errors += [f"the teacher learning from the student (reversed): {error}" for error in link.reverse.errors]
+    taught = ", ".join(plan.key for plan in link.reverse.terms) or "no term"
+    notes.append(f"online (mutual) distillation: the teacher trains on the labels beside the student and learns from it "
+                 f"through {taught} in reverse (the student's outputs as its targets); feature terms teach the student only"
+                 + (f"; not reversed: {', '.join(skipped)} (they read the student's own assignment)" if skipped else ""))
 
 
 def shown(pairing: TeacherPairing) -> PairingReport | TeacherPairing:
@@ -105,7 +165,7 @@ def build_step(config: DistillConfig, student: Detector, index: DatasetIndex, tr
     if main:
         (out_dir / "pairing.json").write_text(json.dumps(report_dict(shown(pairing)), indent=1))
     pairing.raise_errors()
-    made: dict = {"links": links, "index": index}
+    made: dict = {"links": links, "index": index, "out_dir": out_dir}
     if config.distill.cache.dir:
         device = next(student.parameters()).device
         stats = {}
@@ -117,8 +177,24 @@ def build_step(config: DistillConfig, student: Detector, index: DatasetIndex, tr
             made["cache"] = record_cache_build(out_dir, cache_stats(stats))
     step = Distiller(student, links, pairing, config.distill.hard_weight, schedule=config.distill.schedule,
                      final_ratio=config.distill.final_ratio, stop_epoch=config.distill.stop_epoch, assign=config.distill.assign,
-                     auto=config.distill.auto, log=log, auto_weights_file=out_dir / "auto_weights.json" if main else None)
+                     auto=config.distill.auto, log=log, auto_weights_file=out_dir / "auto_weights.json" if main else None,
+                     online=online_teacher(config, links, index, out_dir, log))
     return step, made
+
+
+def online_teacher(config: DistillConfig, links: list[TeacherLink], index: DatasetIndex, out_dir: Path, log: Log) -> OnlineTeacher | None:
+    """What a run keeps of a teacher trained online: its average (as ``train.ema`` keeps the
+    student's), validated like the student, best as ``teacher_best.pt``."""
+    link = next((link for link in links if link.mode == "trained"), None)
+    if link is None:
+        return None
+    from ..engine.evaluate import evaluate_model
+    from ..engine.trainer import eval_settings
+
+    size, records, settings = config.data.input_size, index.split(config.data.val_split), eval_settings(config)
+    return OnlineTeacher(link.model, link.model_config, input_size=size, out_dir=out_dir, eval_every=config.train.eval_every,
+                         validate=lambda model: evaluate_model(model, records, size, **settings), log=log,
+                         ema=(config.train.ema_decay, config.train.ema_ramp) if config.train.ema else None)
 
 
 def cache_stats(stats: dict[str, dict]) -> dict:
@@ -141,8 +217,16 @@ def teacher_entries(made: dict, config: DistillConfig, log: Log) -> dict:
     for link in links:
         if link.mode == "ema":  # the student's own average: best.pt is (a snapshot of) it
             continue
-        entry = teacher_results(link.model, config, made["index"], log if len(links) == 1 else _named(log, link.name))
-        entry.update(checkpoint=configs[link.name].checkpoint)
+        model, checkpoint = link.model, configs[link.name].checkpoint
+        if link.mode == "trained":  # scored as kept: its best validation epoch
+            from ..engine.checkpoint import load_detector
+
+            checkpoint = str(made["out_dir"] / "teacher_best.pt")
+            model, _ = load_detector(checkpoint)
+        entry = teacher_results(model, config, made["index"], log if len(links) == 1 else _named(log, link.name))
+        entry.update(checkpoint=checkpoint)
+        if link.mode == "trained":
+            entry.update(online=True, started_from=configs[link.name].checkpoint or configs[link.name].weights or "scratch")
         if len(links) > 1:
             entry.update(name=link.name, weight=link.weight)
         entries.append(entry)

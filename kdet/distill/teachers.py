@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..config import DistillSettings, TeacherConfig, TermConfig
+from ..config import DistillSettings, ModelConfig, TeacherConfig, TermConfig
 from ..models import Detector, ModelSpec
 from .cache import CachedTeacher
 from .losses import DISTILL_LOSSES, ResponseLevel
@@ -39,7 +39,9 @@ from .pairing import PairingError, PairingReport, TermPlan, pair
 class TeacherLink:
     """One teacher of a distillation step: ``mode`` is ``frozen`` (a fixed model, or its cached
     outputs), ``ema`` (the student's own moving average, the mean teacher) or ``trained`` (online
-    distillation: trained in the same step, from its labels and the student)."""
+    distillation: trained in the same step, from its labels and the student). A trained teacher
+    has ``reverse``, the student paired as its teacher (for the response terms it learns
+    through), and ``model_config``, its architecture (to save it)."""
 
     name: str
     model: Detector
@@ -47,6 +49,8 @@ class TeacherLink:
     weight: float = 1.0
     cached: CachedTeacher | None = None
     mode: str = "frozen"
+    reverse: PairingReport | None = None
+    model_config: ModelConfig | None = None
 
     @property
     def student_classes(self) -> list[int] | None:
