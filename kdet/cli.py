@@ -89,6 +89,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     group, log = _process_group(config)
     if was_distill:
         log("a distillation config: training its student without the teacher (the baseline for kdet distill)")
+    if config.data.unlabelled:
+        log("data.unlabelled: only kdet distill reads unlabelled images; kdet train trains on the labelled ones (the baseline)")
     if args.resume and not args.out:
         raise ValueError("--resume needs --out RUN_DIR: the run to continue")
     out = Path(args.out) if args.out else default_run_dir(args.config)

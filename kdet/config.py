@@ -51,6 +51,11 @@ class DataConfig(Strict):
                                   "else ~/.cache/kdet/images)")
     cache_images: bool | None = Field(None, exclude=True, description="older spelling: true is cache: ram, false is cache: none")
     workers: int = Field(1, ge=0)
+    unlabelled: str | None = Field(None, description="kdet distill: a folder of images, or a dataset whose labels are "
+                                   "ignored, mixed into training for the distillation terms only (images of this dataset are "
+                                   "left out); kdet train ignores it")
+    unlabelled_ratio: float = Field(1.0, gt=0, description="unlabelled images added to each batch per labelled image "
+                                    "(rounded, at least 1): 1.0 doubles the batch")
 
     @model_validator(mode="before")
     @classmethod
@@ -219,6 +224,14 @@ class AutoWeightConfig(Strict):
     steps: int = Field(20, ge=1, description="training steps over which the gradient norms are measured and averaged")
 
 
+class PseudoLabelConfig(Strict):
+    score: float = Field(0.5, gt=0, le=1, description="teacher detection score (as kdet predict shows it) from which a "
+                         "detection on an unlabelled image becomes a box the student's own loss learns")
+    weight: float = Field(1.0, ge=0, description="weight of the student's detection loss on the pseudo-labelled images")
+    nms_iou: float = Field(0.6, gt=0, le=1, description="IoU of the class-wise NMS across levels and teachers, after the "
+                           "feature-map NMS")
+
+
 class DistillSettings(Strict):
     hard_weight: float = Field(1.0, ge=0, description="weight of the student's own detection loss on the labels")
     response: bool = Field(True, description="switch every response (head output) term on or off")
@@ -237,6 +250,8 @@ class DistillSettings(Strict):
     auto: AutoWeightConfig = Field(AutoWeightConfig(), description="how terms with weight: auto get their weight")
     cache: TeacherCacheConfig = Field(TeacherCacheConfig(), description="teacher outputs computed once per augmented view "
                                       "and read back, instead of a teacher pass on every batch (kdet.distill.cache)")
+    pseudo_labels: PseudoLabelConfig | None = Field(None, description="unlabelled images (data.unlabelled): the teachers' "
+                                                    "detections as hard targets of the student's own loss; unset: none")
 
 
 class DistillConfig(Config):

@@ -510,10 +510,11 @@ class CachedTeacher:
 
 
 def prepare(settings: TeacherCacheConfig, *, teacher: Detector, report: PairingReport, dataset: DetectionDataset,
-            epochs: int, batch_size: int, workers: int, log: Log) -> tuple[CachedTeacher | None, dict]:
+            epochs: int, batch_size: int, workers: int, log: Log, also: tuple[str, ...] = ()) -> tuple[CachedTeacher | None, dict]:
     """Open the cache for this teacher and training set, build what a run of ``epochs`` epochs
     lacks (after checking the disk can hold it), and return what reads it during training, with
-    what the build did (``build_time_s``, sizes) for ``results.json``.
+    what the build did (``build_time_s``, sizes) for ``results.json``. ``also``: groups stored
+    besides those the terms read (``head`` for pseudo-labels).
 
     The teacher runs on the device it is on. Returns ``(None, {...})`` when no active term reads
     the teacher.
@@ -521,6 +522,7 @@ def prepare(settings: TeacherCacheConfig, *, teacher: Detector, report: PairingR
     if not settings.dir:
         raise ValueError("prepare: settings.dir is not set")
     names = needed_groups(report)
+    names += [name for name in also if names and name not in names]
     if not names:
         log("teacher cache: no active term reads the teacher; the cache is not used")
         return None, {"dir": settings.dir, "used": False}

@@ -20,15 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import AutoWeightConfig, ConfigError, DistillConfig, ModelConfig, TeacherConfig
+from ..config import AutoWeightConfig, ConfigError, DistillConfig, ModelConfig, PseudoLabelConfig, TeacherConfig
 from ..engine.step import Batch, TrainStep
 from ..models import Detector, build_model
 from ..models.backbones import load_weights_file
+from ..data.unlabelled import UnlabelledFeed
 from ..structures import DetectorOutput, Targets
 from .cache import CachedTeacher
 from .losses import DISTILL_LOSSES
 from .pairing import FeaturePair, PairingReport, TermPlan, level_quality, pair, pick_best_anchor, response_level
 from .online import OnlineTeacher, detached
+from .unlabelled import (extend, in_batch_order, labelled_part, merge_pseudo_labels, pseudo_labels, rows,
+                         split_forward)
 from .teachers import TeacherLink, TeacherPairing, Term, average_levels
 
 
@@ -106,7 +109,7 @@ class Distiller(TrainStep):
         hard_weight: float = 1.0, *, schedule: str = "constant",
         final_ratio: float = 0.0, cached: CachedTeacher | None = None, stop_epoch: int | None = None, assign: str = "own",
         auto: AutoWeightConfig | None = None, log: Callable[[str], None] | None = None, auto_weights_file: Path | None = None,
-        online: OnlineTeacher | None = None,
+        online: OnlineTeacher | None = None, unlabelled: UnlabelledFeed | None = None, pseudo_labels: PseudoLabelConfig | None = None,
     ) -> None:
         super().__init__(student)
         if isinstance(teacher, nn.Module):
@@ -151,6 +154,10 @@ class Distiller(TrainStep):
         self.log = log or (lambda _: None)
         self.auto_weights_file = auto_weights_file
         self.progress = 0.0
+        self.unlabelled = unlabelled
+        self.pseudo_labels = pseudo_labels
+        self._unlabelled_epoch = None  # this epoch's unlabelled images, one chunk per step
+        self._pending = None  # the chunk the next step adds to its batch
         self.terms = [term for term in pairing.terms if term.active]
         self.plans = [term.plan for term in self.terms]
         self.connectors = nn.ModuleDict()
@@ -193,9 +200,16 @@ class Distiller(TrainStep):
 
     def before_epoch(self, trainer) -> None:
         self.epoch = trainer.epoch
+        self._unlabelled_epoch = None
+        if self.unlabelled is not None and self.distilling:
+            from ..engine import distributed
+
+            self._unlabelled_epoch = self.unlabelled.epoch(trainer.epoch, self.data_epoch(trainer.epoch), trainer.steps_per_epoch,
+                                                           rank=distributed.rank(), world=distributed.world_size())
 
     def before_step(self, trainer) -> None:
         self.progress = trainer.progress
+        self._pending = next(self._unlabelled_epoch, None) if self._unlabelled_epoch is not None else None
 
     def after_step(self, trainer) -> None:
         if self.online is not None:
@@ -265,9 +279,17 @@ class Distiller(TrainStep):
 
     # the step ------------------------------------------------------------------------------
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        if not bool(batch.labelled.all()):
-            raise ValueError("Distiller: every image of the batch must be labelled")
+        """The loss of one batch. Its unlabelled images (``batch.labelled`` false, and those the
+        step adds from ``data.unlabelled``) reach the distillation terms only: each model's own
+        detection loss reads the labelled images (:func:`~kdet.distill.unlabelled.split_forward`),
+        and with pseudo-labels the student's also the teachers' boxes on the unlabelled ones."""
+        pending, self._pending = self._pending, None
+        if pending is not None and self.distilling:
+            batch = extend(batch, *pending)
+        mixed = not bool(batch.labelled.all())
         if not self.distilling:
+            if mixed:  # unlabelled images teach nothing without the terms
+                batch = labelled_part(batch)
             out = self.student(batch.images, batch.targets)
             total, losses = self.hard_weight * out.loss, {f"det_{k}": v.detach() for k, v in out.losses.items()}
             if self.trained is not None:  # both models go on learning from the labels
@@ -278,16 +300,27 @@ class Distiller(TrainStep):
         teacher_outs, taught = {}, None
         for link in self.links:
             if link.mode == "trained":  # with gradients and its own loss; the student reads it detached
-                taught = link.model(batch.images, batch.targets)
-                teacher_outs[link.name] = detached(taught)
+                taught = split_forward(link.model, batch) if mixed else (link.model(batch.images, batch.targets),) * 2
+                teacher_outs[link.name] = detached(taught[0])
             else:
                 teacher_outs[link.name] = self.teacher_output(link, batch)
-        if self.assign_from_teacher:
-            out = self.student(batch.images, batch.targets, assign_from=self.assignment_levels(teacher_outs[self.links[0].name]))
+        pseudo = self.pseudo_labels is not None and mixed
+        if pseudo:
+            batch = self.with_pseudo_labels(batch, teacher_outs)
+        assign_from = self.assignment_levels(teacher_outs[self.links[0].name]) if self.assign_from_teacher else None
+        if mixed:
+            out, own, on_unlabelled = split_forward(self.student, batch, unlabelled_targets=pseudo, assign_from=assign_from)
+        elif assign_from is not None:
+            out = own = self.student(batch.images, batch.targets, assign_from=assign_from)
         else:
-            out = self.student(batch.images, batch.targets)
-        losses = {f"det_{k}": v.detach() for k, v in out.losses.items()}
-        total = self.hard_weight * out.loss
+            out = own = self.student(batch.images, batch.targets)
+        losses = {f"det_{k}": v.detach() for k, v in own.losses.items()}
+        total = self.hard_weight * own.loss
+        if pseudo:
+            total = total + self.pseudo_labels.weight * on_unlabelled.loss
+            losses.update({f"pseudo_det_{k}": v.detach() for k, v in on_unlabelled.losses.items()})
+            unlabelled_targets = [t for t, flag in zip(batch.targets, batch.labelled.tolist()) if not flag]
+            losses["pseudo_boxes"] = torch.tensor(sum(len(t["boxes"]) for t in unlabelled_targets) / max(1, len(unlabelled_targets)))
         context = BatchContext(batch, out, teacher_outs[self.links[0].name], self)
         factor = self.weight_factor()
         weights = {}
@@ -298,23 +331,24 @@ class Distiller(TrainStep):
                 link = self.link(next(iter(term.plans)))
                 value = self.term(term.plan, out, teacher_outs[link.name], context.for_teacher(link, teacher_outs[link.name]), link)
             losses[f"kd{term.index}_{term.config.loss}"] = value.detach()
-            weights[term.index] = self.term_weight(term.plan, value, out.loss)
+            weights[term.index] = self.term_weight(term.plan, value, own.loss)
             total = total + factor * weights[term.index] * value
         if taught is not None:
-            total = total + self.hard_weight * taught.loss + factor * self.reverse_terms(batch, out, taught, weights, losses)
+            total = total + self.hard_weight * taught[1].loss + factor * self.reverse_terms(batch, out, taught[0], taught[1].losses,
+                                                                                          weights, losses)
         if self.schedule != "constant":
             losses["kd_weight_factor"] = torch.tensor(factor)
         return total, losses
 
-    def reverse_terms(self, batch: Batch, student: DetectorOutput, teacher: DetectorOutput, weights: dict[int, float],
-                      losses: dict[str, Tensor]) -> Tensor:
+    def reverse_terms(self, batch: Batch, student: DetectorOutput, teacher: DetectorOutput, teacher_losses: dict[str, Tensor],
+                      weights: dict[int, float], losses: dict[str, Tensor]) -> Tensor:
         """What the teacher trained online learns besides its labels: every response term with
         the roles swapped (the student's outputs detached), each weighted as its forward term.
         Adds its own loss terms (``teacher_det_*``) and the reversed terms (``tkd<i>_*``) to ``losses``."""
-        losses.update({f"teacher_det_{k}": v.detach() for k, v in teacher.losses.items()})
+        losses.update({f"teacher_det_{k}": v.detach() for k, v in teacher_losses.items()})
         target = detached(student)
         context = BatchContext(batch, teacher, target, self, self.reverse_link)
-        total = teacher.loss.new_zeros(())
+        total = teacher.head[0].cls_logits.new_zeros(())
         for term in self.terms:
             plan = self.reverse_plans.get(term.index)
             if plan is None:
@@ -361,7 +395,27 @@ class Distiller(TrainStep):
         if link.cached is None:
             with torch.no_grad():
                 return link.model(batch.images)
-        return link.cached.outputs(batch.indices, self.epoch, batch.images.device)
+        flags = batch.labelled
+        if bool(flags.all()):
+            return link.cached.outputs(batch.indices, self.epoch, batch.images.device)
+        mine = [batch.indices[i] for i in flags.nonzero().flatten().tolist()]
+        theirs = [batch.indices[i] - self.unlabelled.offset for i in (~flags).nonzero().flatten().tolist()]
+        return in_batch_order(flags, link.cached.outputs(mine, self.epoch, batch.images.device),
+                              link.cached_unlabelled.outputs(theirs, self.epoch, batch.images.device))
+
+    def with_pseudo_labels(self, batch: Batch, teachers: dict[str, DetectorOutput]) -> Batch:
+        """``batch`` whose unlabelled images hold the teachers' pseudo-labels as targets
+        (:func:`~kdet.distill.unlabelled.pseudo_labels`, merged over the teachers)."""
+        theirs = (~batch.labelled).nonzero().flatten()
+        found = []
+        for link in self.links:
+            head = rows(DetectorOutput({}, teachers[link.name].head), theirs).head
+            found.append(pseudo_labels(head, link.report.teacher_classes, link.report.student_classes,
+                                       score=self.pseudo_labels.score, input_size=tuple(batch.images.shape[-2:])))
+        targets = list(batch.targets)
+        for i, target in zip(theirs.tolist(), merge_pseudo_labels(found, self.pseudo_labels.nms_iou)):
+            targets[i] = target
+        return replace(batch, targets=targets)
 
     def teacher_outputs(self, images: Tensor, indices: list[int] | None) -> DetectorOutput:
         """The (first) teacher's outputs on ``images``: a forward pass, or with the cache the

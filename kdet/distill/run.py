@@ -17,7 +17,8 @@ from .cache import CachedTeacher
 from .distiller import Distiller
 from .pairing import PairingReport
 from .recipe import with_default_recipe
-from .setup import build_step, cache_stats, check_strategies, evaluate_teacher, pair_config, shown, teacher_entries
+from .setup import (build_step, check_strategies, evaluate_teacher, pair_config, prepare_caches, shown, teacher_entries,
+                    unlabelled_feed)
 
 Log = Callable[[str], None]
 
@@ -59,6 +60,8 @@ def distill(config: DistillConfig, out_dir: str | Path, *, resume: bool = False,
     results.update(teacher_entries(made, config, log))
     if "cache" in made:
         results["teacher_cache"] = made["cache"]
+    if "unlabelled" in made:
+        results["unlabelled"] = made["unlabelled"]
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     return results
 
@@ -96,8 +99,9 @@ def build_cache(config: DistillConfig, log: Log = print) -> dict:
     student = build_model(resolve_model_config(config, index, lambda _: None), index.class_names, config.data.input_size)
     links, pairing = pair_config(config, student, index.class_names)
     pairing.raise_errors()
-    device, train_set = pick_device(config.train.device), training_set(config, index)
-    return cache_stats({link.name: prepare_cache(config, link.model.to(device), link.report, train_set, log)[1] for link in links})
+    train_set = training_set(config, index)
+    feed = unlabelled_feed(config, index, len(train_set), log)
+    return prepare_caches(config, links, train_set, feed, pick_device(config.train.device), log)
 
 
 def record_cache_build(out_dir: Path, stats: dict) -> dict:

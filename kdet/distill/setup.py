@@ -11,6 +11,7 @@ import numpy as np
 
 from ..config import ConfigError, DistillConfig, ModelConfig, TeacherConfig
 from ..data.pipeline import DetectionDataset
+from ..data.unlabelled import UnlabelledFeed, read_unlabelled
 from ..engine import distributed
 from ..models import Detector, ModelSpec, build_model
 from ..structures import DatasetIndex, ImageRecord
@@ -44,6 +45,9 @@ def check_strategies(config: DistillConfig) -> None:
     if trained and (len(teachers) > 1 or trained[0][1].self):
         raise ConfigError(f"{trained[0][0]}.train: online distillation trains one teacher beside the student; give one "
                           f"teacher (a checkpoint, or teacher.model) and no self: ema")
+    if config.distill.pseudo_labels is not None and not config.data.unlabelled:
+        raise ConfigError("distill.pseudo_labels: the teachers' boxes become targets on unlabelled images; set data.unlabelled "
+                          "too (a folder of images, or a dataset whose labels are ignored), or remove distill.pseudo_labels")
     if trained and config.distill.cache.dir:
         raise ConfigError("teacher.train: true changes the teacher with every step, so its outputs cannot be cached; remove "
                           "--teacher-cache / distill.cache.dir")
@@ -102,6 +106,14 @@ def pair_config(config: DistillConfig, student: Detector, class_names: list[str]
     if any(link.mode == "ema" for link in links):
         shown_notes.append("teacher: the student's own exponential moving average (mean teacher), updated after every "
                            "step; it starts as the student and lags behind it")
+    if config.data.unlabelled:
+        per_batch = max(1, round(config.data.unlabelled_ratio * config.train.batch_size))
+        shown_notes.append(
+            f"unlabelled images ({config.data.unlabelled}): {per_batch} join each batch of {config.train.batch_size}; they reach "
+            f"the distillation terms only, each model's own detection loss reads the labelled images"
+            + (f", and the student's also the teachers' detections on them of score >= {config.distill.pseudo_labels.score:g} "
+               f"(after feature-map NMS) as boxes, weighted {config.distill.pseudo_labels.weight:g}"
+               if config.distill.pseudo_labels else "; terms that read the ground truth find no box on them"))
     for (config_entry, _, _), link in zip(teachers, links):
         if link.mode == "trained":
             link.model_config = online_model_config(config_entry, student_spec)
@@ -156,7 +168,7 @@ def build_step(config: DistillConfig, student: Detector, index: DatasetIndex, tr
     """The run's distillation step, after logging the pairing and writing ``pairing.json``;
     and what the run needs afterwards: the teachers (``links``), the data ``index`` and, with
     the teacher cache, what its build did (``cache``)."""
-    from .run import prepare_cache, record_cache_build
+    from .run import record_cache_build
 
     links, pairing = pair_config(config, student, index.class_names)
     for line in report_lines(shown(pairing)):
@@ -166,20 +178,57 @@ def build_step(config: DistillConfig, student: Detector, index: DatasetIndex, tr
         (out_dir / "pairing.json").write_text(json.dumps(report_dict(shown(pairing)), indent=1))
     pairing.raise_errors()
     made: dict = {"links": links, "index": index, "out_dir": out_dir}
+    feed = unlabelled_feed(config, index, len(train_set), log)
+    if feed is not None:
+        made["unlabelled"] = {"path": config.data.unlabelled, "images": len(feed.dataset), "per_batch": feed.per_batch}
     if config.distill.cache.dir:
-        device = next(student.parameters()).device
-        stats = {}
-        for link in links:
-            with distributed.main_process_first():  # rank 0 builds the cache, the other processes then open it
-                link.cached, stats[link.name] = prepare_cache(config, link.model.to(device), link.report, train_set, log)
-            link.model.cpu()
+        stats = prepare_caches(config, links, train_set, feed, next(student.parameters()).device, log)
         if main:
-            made["cache"] = record_cache_build(out_dir, cache_stats(stats))
+            made["cache"] = record_cache_build(out_dir, stats)
     step = Distiller(student, links, pairing, config.distill.hard_weight, schedule=config.distill.schedule,
                      final_ratio=config.distill.final_ratio, stop_epoch=config.distill.stop_epoch, assign=config.distill.assign,
                      auto=config.distill.auto, log=log, auto_weights_file=out_dir / "auto_weights.json" if main else None,
-                     online=online_teacher(config, links, index, out_dir, log))
+                     online=online_teacher(config, links, index, out_dir, log), unlabelled=feed,
+                     pseudo_labels=config.distill.pseudo_labels if feed is not None else None)
     return step, made
+
+
+def unlabelled_feed(config: DistillConfig, index: DatasetIndex, offset: int, log: Log) -> UnlabelledFeed | None:
+    """The unlabelled images of ``data.unlabelled`` (augmented as the training images are) and
+    how many join each batch; ``None`` without them."""
+    if not config.data.unlabelled:
+        return None
+    records = read_unlabelled(config.data.unlabelled, index, log)
+    dataset = DetectionDataset(records, config.data.input_size, augment=config.data.augment, cache=config.data.cache,
+                               cache_dir=config.data.cache_dir, seed=config.seed)
+    per_batch = max(1, round(config.data.unlabelled_ratio * config.train.batch_size))
+    log(f"data.unlabelled: {per_batch} unlabelled image(s) join each batch of {config.train.batch_size} labelled ones")
+    return UnlabelledFeed(dataset, per_batch, seed=config.seed, offset=offset, workers=config.data.workers)
+
+
+def prepare_caches(config: DistillConfig, links: list[TeacherLink], train_set: DetectionDataset, feed: UnlabelledFeed | None,
+                   device, log: Log) -> dict:
+    """Open (and build what is missing of) every teacher's cache, on the training images and on
+    the unlabelled ones (each a cache of its own fingerprint), and set them on the ``links``.
+    Returns what the builds did, as ``results.json`` records it."""
+    from .cache import prepare
+
+    also = ("head",) if config.distill.pseudo_labels is not None and feed is not None else ()
+    settings = dict(settings=config.distill.cache, epochs=config.train.epochs, batch_size=config.train.batch_size,
+                    workers=config.data.workers, log=log, also=also)
+    stats, unlabelled = {}, {}
+    for link in links:
+        teacher = link.model.to(device)
+        with distributed.main_process_first():  # rank 0 builds the cache, the other processes then open it
+            link.cached, stats[link.name] = prepare(teacher=teacher, report=link.report, dataset=train_set, **settings)
+            if feed is not None:
+                link.cached_unlabelled, unlabelled[link.name] = prepare(teacher=teacher, report=link.report, dataset=feed.dataset,
+                                                                         **settings)
+        link.model.cpu()
+    result = cache_stats(stats)
+    if unlabelled:
+        result = {**result, "unlabelled": cache_stats(unlabelled)}
+    return result
 
 
 def online_teacher(config: DistillConfig, links: list[TeacherLink], index: DatasetIndex, out_dir: Path, log: Log) -> OnlineTeacher | None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
 
 from ..config import DistillSettings, ModelConfig, TeacherConfig, TermConfig
 from ..models import Detector, ModelSpec
@@ -49,6 +48,7 @@ class TeacherLink:
     weight: float = 1.0
     cached: CachedTeacher | None = None
     mode: str = "frozen"
+    cached_unlabelled: CachedTeacher | None = None  # its cached outputs on the unlabelled images (data.unlabelled)
     reverse: PairingReport | None = None
     model_config: ModelConfig | None = None
 
