@@ -54,10 +54,14 @@ class OnlineTeacher:
             self.ema.update(self.teacher)
 
     def after_epoch(self, epoch: int, epochs: int) -> None:
-        """Validate the teacher (its average), keep ``teacher_best.pt`` and ``teacher_metrics.json``."""
+        """Validate the teacher (its average), keep ``teacher_best.pt`` and ``teacher_metrics.json``.
+        Under torchrun every process validates its share and rank 0 alone (``validate`` gives it
+        the metrics) writes."""
         if self.validate is None or self.out_dir is None or not (epoch % self.eval_every == 0 or epoch == epochs):
             return
         metrics = self.validate(self.eval_model)
+        if metrics is None:
+            return
         val = {"AP": metrics["coco"]["AP"], "AP50": metrics["coco"]["AP50"], "VOC_mAP50": metrics["voc"]["mAP50_all"]}
         self.best["history"].append({"epoch": epoch, "val": val})
         if (val["AP"] or 0.0) > self.best["AP"]:

@@ -237,13 +237,20 @@ def online_teacher(config: DistillConfig, links: list[TeacherLink], index: Datas
     link = next((link for link in links if link.mode == "trained"), None)
     if link is None:
         return None
-    from ..engine.evaluate import evaluate_model
+    from ..engine.evaluate import predict
+    from ..engine.metrics import evaluate
     from ..engine.trainer import eval_settings
 
     size, records, settings = config.data.input_size, index.split(config.data.val_split), eval_settings(config)
+    share = records[distributed.rank()::distributed.world_size()]
+
+    def validate(model) -> dict | None:
+        """Each process predicts its share of the validation split; rank 0 scores them all (``None`` elsewhere)."""
+        predictions = distributed.gather_lists(predict(model, share, size, **settings))
+        return evaluate(records, predictions, model.class_names) if predictions is not None else None
+
     return OnlineTeacher(link.model, link.model_config, input_size=size, out_dir=out_dir, eval_every=config.train.eval_every,
-                         validate=lambda model: evaluate_model(model, records, size, **settings), log=log,
-                         ema=(config.train.ema_decay, config.train.ema_ramp) if config.train.ema else None)
+                         validate=validate, log=log, ema=(config.train.ema_decay, config.train.ema_ramp) if config.train.ema else None)
 
 
 def cache_stats(stats: dict[str, dict]) -> dict:

@@ -142,3 +142,32 @@ def test_what_online_distillation_cannot_do_is_refused(shapes_voc, teacher_check
     config = validate_config(online_dict("unused", {"model": {"size": "t"}}), schema=DistillConfig)
     _, pairing = pair_config(config, student, ["bar", "square"], teachers=[(config.teachers()[0], teacher, SIZE)])
     assert any("needs the data's classes in order" in error for error in pairing.all_errors())
+
+
+def _distil_in_process(rank: int, world: int, port: int, config: dict, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        distill(DistillConfig.model_validate(config), out, log=quiet, progress=False)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_train_the_teacher_together(shapes_voc, teacher_checkpoint, tmp_path):
+    """Under torchrun both models are trained by every process and validated in shares; rank 0
+    writes teacher_best.pt and its record once."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    config = online_dict(shapes_voc, {"checkpoint": str(teacher_checkpoint)}, epochs=1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_distil_in_process, args=(2, port, config, str(tmp_path / "two")), nprocs=2, join=True, start_method="fork")
+    history = json.loads((tmp_path / "two" / "teacher_metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1]
+    results = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert results["teacher"]["online"] and (tmp_path / "two" / "teacher_best.pt").is_file()
