@@ -3,7 +3,8 @@
 # and arms given. Every arm is the bed's distillation config with the terms below; the baseline
 # is `kdet train` on the same config (the student alone: same data, schedule and seed). The
 # teacher's outputs are read from a teacher cache in OUT_DIR/teacher_cache (one subdirectory per
-# seed; built by the first run that needs it). Validation every 4 epochs, 1 thread per run.
+# seed; built by the first run that needs it; CACHE=0 runs the teacher live instead). Validation
+# every 4 epochs, 1 thread per run.
 # Resumable (see queue.sh): finished runs are skipped, interrupted ones resumed.
 #   benchmarks/prove.sh BED OUT_DIR "SEEDS" ARM...       BED: bccd_p | cs_p
 #   e.g. benchmarks/prove.sh bccd_p runs/prove_bccd "0 1 2" baseline recipe pkd
@@ -12,6 +13,8 @@ set -euo pipefail
 BED=$1; OUT=$2; SEEDS=$3; shift 3
 KDET=${KDET:-kdet}
 PARALLEL=${PARALLEL:-1}
+CACHE_ARG="--teacher-cache $OUT/teacher_cache"
+[ "${CACHE:-1}" = 0 ] && CACHE_ARG=""
 case $BED in
   bccd_p) TRAIN="bccd_student"; DISTILL="bccd_distill"; BED_SET="--set model.size=p" ;;
   cs_p) TRAIN="benchmarks/configs/cs_student.yaml"; DISTILL="benchmarks/configs/cs_distill.yaml"; BED_SET="" ;;
@@ -32,12 +35,20 @@ declare -A TERMS=(
   [recipe_pkd_f1]="[$RECIPE, {loss: pkd, student: neck, weight: auto}]"
   [pkd_f1]="[{loss: pkd, student: neck, weight: auto}]"
   [recipe_pkd_stop]="[$RECIPE, {loss: pkd, student: neck, weight: auto}]"
+  [cwd_f1]="[{loss: cwd, student: neck, weight: auto}]"
+  [fgd_f1]="[{loss: fgd, student: neck, weight: auto}]"
+  [score_l2_f1]="[{loss: score_l2, student: neck, weight: auto}]"
+  [recipe_cwd_f1]="[$RECIPE, {loss: cwd, student: neck, weight: auto}]"
 )
 # settings besides the terms
 declare -A EXTRA=(
   [recipe_pkd_f1]="--set distill.auto.fraction=1.0"
   [pkd_f1]="--set distill.auto.fraction=1.0"
   [recipe_pkd_stop]="--set distill.stop_epoch=32"
+  [cwd_f1]="--set distill.auto.fraction=1.0"
+  [fgd_f1]="--set distill.auto.fraction=1.0"
+  [score_l2_f1]="--set distill.auto.fraction=1.0"
+  [recipe_cwd_f1]="--set distill.auto.fraction=1.0"
 )
 COMMON="--set train.threads=1 --set train.eval_every=4 $BED_SET"
 mkdir -p "$OUT"
@@ -47,7 +58,7 @@ for seed in $SEEDS; do
     if [ "$arm" = baseline ]; then
       jobs+=("$KDET train $TRAIN $COMMON --set seed=$seed --out $OUT/baseline-s$seed")
     elif [ -n "${TERMS[$arm]:-}" ]; then
-      jobs+=("$KDET distill $DISTILL $COMMON --set seed=$seed --set 'distill.terms=${TERMS[$arm]}' ${EXTRA[$arm]:-} --teacher-cache $OUT/teacher_cache --out $OUT/$arm-s$seed")
+      jobs+=("$KDET distill $DISTILL $COMMON --set seed=$seed --set 'distill.terms=${TERMS[$arm]}' ${EXTRA[$arm]:-} $CACHE_ARG --out $OUT/$arm-s$seed")
     else
       echo "unknown arm $arm (baseline ${!TERMS[*]})"; exit 2
     fi
