@@ -352,14 +352,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     train.set_defaults(func=cmd_train)
 
-    check_pair = sub.add_parser("check", help="can this teacher teach this student? pairing report of a distillation config, before training")
+    check_help = ("can this teacher teach this student? pairing report of a distillation config, before training (one "
+                  "report per teacher when there are several; also what online distillation reverses and what unlabelled "
+                  "images and pseudo-labels feed)")
+    check_pair = sub.add_parser("check", help=check_help, description=check_help)
     check_pair.add_argument("config", help="a distillation YAML config, or a recipe name (bccd_distill)")
     check_pair.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     check_pair.add_argument("--json", action="store_true", help="print the report as JSON")
     check_pair.set_defaults(func=cmd_check)
 
-    distill = sub.add_parser("distill", help="train a student against a frozen teacher (runs `kdet check` first)",
-                             description="Train a student against a frozen teacher (runs `kdet check` first). "
+    distill = sub.add_parser("distill", help="train a student against a frozen teacher, or several, its own EMA (teacher: "
+                             "{self: ema}) or a teacher trained alongside (teacher.train: true), optionally on unlabelled "
+                             "images too (data.unlabelled); runs `kdet check` first",
+                             description="Train a student against its teacher(s) (runs `kdet check` first): one frozen "
+                             "teacher, a list of teachers (teacher: [...]), the student's own moving average (teacher: {self: "
+                             "ema}), or a teacher trained in the same step (teacher.train: true, saved as teacher_best.pt); "
+                             "data.unlabelled adds unlabelled images to every batch for the distillation terms, with "
+                             "distill.pseudo_labels the teachers' boxes as targets on them. "
                              + torchrun_note % "distill" + " The teacher cache is built by rank 0 and read by every process.")
     distill.add_argument("config", help="a distillation YAML config, or a recipe name from kdet/configs: bccd_distill")
     distill.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -7,6 +7,11 @@ gradients reach the student, the connectors and the loss modules only. With a te
 cache (:mod:`kdet.distill.cache`) the teacher does not run during training: its outputs on the
 batch's samples are read back instead. The trainer (:mod:`kdet.engine.trainer`) owns the loop,
 the optimiser and the checkpoints.
+
+Besides one frozen teacher the step takes several (:mod:`kdet.distill.teachers`), the
+student's own moving average (a mean teacher), or a teacher it trains beside the student
+(:mod:`kdet.distill.online`); and batches with unlabelled images, which reach the terms but not
+the detection losses (:mod:`kdet.distill.unlabelled`).
 """
 from __future__ import annotations
 
