@@ -253,8 +253,13 @@ class EpochRecorder(HookBase):
         save_atomic(self.last_payload(trainer), self.out_dir / "last.pt")
         val = record.get("val")
         skipped = f", {self.skipped} step(s) skipped by the fp16 gradient scaler (loss or gradients not finite)" if self.skipped else ""
-        self.log(f"epoch {epoch}: loss {record['loss']:.4f}" + (f", val AP {val['AP']:.3f} AP50 {val['AP50']:.3f}" if val else "")
+        self.log(f"epoch {epoch}: loss {record['loss']:.4f}" + (f", val AP {_number(val['AP'])} AP50 {_number(val['AP50'])}" if val else "")
                  + f" ({record['train_time_s']:.0f}s){skipped}")
+
+
+def _number(value: float | None) -> str:
+    """An AP for the log: undefined (``None``) when the split has no box to score."""
+    return "undefined" if value is None else f"{value:.3f}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -202,3 +202,18 @@ def test_a_lost_split_is_named_with_its_cause_when_training(tmp_path):
     with pytest.raises(ConfigError, match=r"data.val_split: .*split 'val' is lost: valid/_annotations.coco.json, line \d+ cannot "
                                           r"be read: not valid JSON"):
         train(validate_config(tiny_config_dict(root)), tmp_path / "run", log=quiet, progress=False)
+
+
+def test_a_validation_split_without_boxes_logs_an_undefined_ap(shapes_voc, tmp_path):
+    """No box in the validation split: AP is undefined, said so in the log; training goes on."""
+    import re
+    import shutil
+
+    data = tmp_path / "voc"
+    shutil.copytree(shapes_voc, data)
+    for stem in (data / "ImageSets" / "Main" / "val.txt").read_text().split():
+        xml = data / "Annotations" / f"{stem}.xml"
+        xml.write_text(re.sub(r"<object>.*?</object>", "", xml.read_text()))
+    lines: list[str] = []
+    train(validate_config(tiny_config_dict(data, epochs=1)), tmp_path / "run", log=lines.append, progress=False)
+    assert any("val AP undefined" in line for line in lines)
