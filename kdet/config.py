@@ -80,7 +80,10 @@ class DataConfig(Strict):
 
 class ModelConfig(Strict):
     family: str = Field("yolo", description="detector family: yolo or fcos")
-    backbone: str = Field("cspdarknet", description="cspdarknet, mobilenet_v2, mobilenet_v3_small/large, resnet18/34/50")
+    backbone: str = Field("cspdarknet", description="cspdarknet, mobilenet_v2, mobilenet_v3_small/large, resnet18/34/50, or "
+                          "timm:NAME for a timm model (pip install kdet[timm]; a plain ViT through a simple feature pyramid)")
+    backbone_args: dict[str, Any] = Field(default_factory=dict, description="timm backbones: keyword arguments of "
+                                          "timm.create_model, e.g. {drop_path_rate: 0.1, depth: 6}")
     size: Literal["p", "t", "n", "s", "m", "l"] = Field("s", description="width/depth of cspdarknet and of the neck")
     head: Literal["anchor", "dfl"] = Field(
         "anchor", description="yolo: 'anchor' (YOLOv5-style, anchors and objectness) or 'dfl' (YOLOv8-style anchor-free "

@@ -110,6 +110,7 @@ def pair(teacher: ModelSpec, student: ModelSpec, settings: DistillSettings, *, t
             f"probabilities and boxes decoded to a shared form (distances from each cell to the box edges, in strides); "
             f"raw head maps (l2_logits) cannot be compared."
         )
+    _note_necks(report)
     if not settings.terms:
         report.errors.append("distill.terms is empty: add at least one term, for example {loss: objectness_scaled, weight: 1.0}")
     for index, term in enumerate(settings.terms):
@@ -157,6 +158,36 @@ def pair(teacher: ModelSpec, student: ModelSpec, settings: DistillSettings, *, t
         report.notes.append("every term is switched off (enabled, distill.response, distill.features): this run trains "
                             "the student on its labels only")
     return report
+
+
+def _neck(spec: ModelSpec) -> list[tuple[str, int, int]]:
+    return [(name, stride, channels) for name, (channels, stride, _) in spec.features.items() if name.startswith("neck.")]
+
+
+def _note_necks(report: PairingReport) -> None:
+    """When the two necks give different levels (their number or strides), say so and how they
+    are paired: the mismatch that otherwise surfaces as a broadcast error inside a loss. (Channel
+    counts alone differ between any two sizes; the feature table shows them.)"""
+    teacher, student = _neck(report.teacher), _neck(report.student)
+    if [s for _, s, _ in teacher] == [s for _, s, _ in student]:
+        return
+
+    def describe(levels: list[tuple[str, int, int]]) -> str:
+        return ", ".join(f"{name[5:]} /{stride} {channels} ch" for name, stride, channels in levels) or "none"
+
+    shared = sorted({s for _, s, _ in teacher} & {s for _, s, _ in student})
+    parts = [f"necks differ: the teacher's neck gives {len(teacher)} level(s) ({describe(teacher)}), the student's "
+             f"{len(student)} ({describe(student)})"]
+    if shared:
+        parts.append(f"terms pair them by stride ({'/'.join(map(str, shared))} shared)")
+        if any(tc != sc for _, ts, tc in teacher for _, ss, sc in student if ts == ss):
+            parts.append("where channels differ, feature terms bridge them with connectors")
+        unpaired = [name[5:] for name, stride, _ in teacher + student if stride not in shared]
+        if unpaired:
+            parts.append(f"{', '.join(unpaired)} have no partner of their stride and are left out")
+    else:
+        parts.append("no stride is shared: feature terms need resample: true, response terms cannot pair levels")
+    report.notes.append("; ".join(parts))
 
 
 def _check_args(report: PairingReport, index: int, term: TermConfig, loss: DistillLoss) -> None:

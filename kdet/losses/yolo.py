@@ -156,7 +156,7 @@ class YOLOv5Loss:
         positive_value, negative_value = 1.0 - 0.5 * self.label_smoothing, 0.5 * self.label_smoothing
         for index, level in enumerate(head):
             objectness = level.score[:, :, 0]  # [N, A, H, W] logits
-            target_obj = torch.zeros_like(objectness)
+            target_obj = torch.zeros_like(objectness, memory_format=torch.contiguous_format)  # viewed flat below
             match = assign_targets(level, flat_targets, self.anchor_threshold)
             if len(match.image):
                 raw_box = level.box[match.image, match.anchor, :, match.row, match.col]  # [n, 4]

@@ -8,7 +8,7 @@ from ..losses.dfl import DFLLoss
 from ..losses.yolo import YOLOv5Loss
 from ..registry import Registry
 from .anchors import DEFAULT_ANCHORS
-from .backbones import BACKBONES, build_backbone
+from .backbones import BACKBONES, Backbone, build_backbone
 from .detector import Detector, LevelSpec, ModelSpec
 from .yolo import YOLODetector
 
@@ -19,8 +19,7 @@ MODELS: Registry[Callable[..., Detector]] = Registry("model family")
 def build_yolo(config: ModelConfig, class_names: list[str], input_size: int) -> YOLODetector:
     """The built-in YOLO: ``model.head`` anchor (anchors and the ``*_weight`` keys apply) or dfl
     (anchor-free; anchors are ignored, the loss weights are YOLOv8's, see :class:`DFLLoss`)."""
-    backbone = build_backbone(config.backbone, size=config.size, width=config.width, pretrained=config.pretrained_backbone,
-                              allow_partial=config.partial_weights)
+    backbone = backbone_from(config, input_size)
     if config.head == "dfl":
         return YOLODetector(class_names, backbone, None, neck_size=config.size, input_size=input_size, head="dfl")
     if config.anchors == "auto":
@@ -32,11 +31,21 @@ def build_yolo(config: ModelConfig, class_names: list[str], input_size: int) -> 
     return YOLODetector(class_names, backbone, anchors, neck_size=config.size, input_size=input_size, loss=loss)
 
 
+def backbone_from(config: ModelConfig, input_size: int) -> Backbone:
+    """The backbone ``config`` names, with its local weights (``pretrained_backbone``) if set."""
+    return build_backbone(config.backbone, size=config.size, width=config.width, pretrained=config.pretrained_backbone,
+                          allow_partial=config.partial_weights, input_size=input_size, args=config.backbone_args)
+
+
 def build_model(config: ModelConfig, class_names: list[str], input_size: int) -> Detector:
     """Build an untrained detector (backbone weights from ``config.pretrained_backbone`` if set)."""
-    if config.backbone not in BACKBONES:
+    if config.backbone not in BACKBONES and not config.backbone.startswith("timm:"):
         BACKBONES.get(config.backbone)  # raises with the valid names
-    return MODELS.get(config.family)(config, class_names, input_size)
+    model = MODELS.get(config.family)(config, class_names, input_size)
+    backbone = getattr(model, "backbone", None)
+    if hasattr(backbone, "image_mean"):  # a timm network normalises its input its own way
+        model.set_normalization(backbone.image_mean, backbone.image_std)
+    return model
 
 
 # families defined in their own modules register themselves on import

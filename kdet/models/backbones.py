@@ -150,11 +150,20 @@ for _name in ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "resne
 
 
 def build_backbone(name: str, *, size: str = "s", width: float = 1.0, pretrained: str | Path | None = None,
-                   allow_partial: bool = False) -> Backbone:
-    """Build a registered backbone. ``size`` applies to ``cspdarknet``, ``width`` to MobileNets;
-    ``pretrained`` is a local weights file (a torchvision checkpoint for torchvision backbones,
-    a state dict of the backbone itself for ``cspdarknet``), refused unless it fits completely
-    or ``allow_partial`` (``model.partial_weights``)."""
+                   allow_partial: bool = False, input_size: int = 320, args: dict | None = None) -> Backbone:
+    """Build a registered backbone, or a timm one (``timm:NAME``, :mod:`kdet.models.timm_backbone`,
+    with ``args`` for ``timm.create_model`` and checked at ``input_size``). ``size`` applies to
+    ``cspdarknet``, ``width`` to MobileNets; ``pretrained`` is a local weights file (a torchvision
+    checkpoint for torchvision backbones, the whole timm model for timm ones, a state dict of the
+    backbone itself for ``cspdarknet``), refused unless it fits completely or ``allow_partial``
+    (``model.partial_weights``)."""
+    if name.startswith("timm:"):
+        from .timm_backbone import build_timm_backbone
+
+        return build_timm_backbone(name[len("timm:"):], input_size=input_size, pretrained=pretrained,
+                                   allow_partial=allow_partial, args=args)
+    if args:
+        raise ValueError(f"model.backbone_args is for timm backbones (timm:NAME), not {name}; remove it")
     builder = BACKBONES.get(name)
     if name == "cspdarknet":
         backbone = builder(size=size)
@@ -177,7 +186,15 @@ def load_weights_file(module: nn.Module, path: str | Path, *, what: str, allow_p
     if not path.is_file():
         raise FileNotFoundError(f"{what}: file {path} not found; give a local weights file (nothing is downloaded)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError:
+        raise ValueError(f"{what}: {path} is a .safetensors file, which needs the safetensors package "
+                         f"(pip install safetensors)") from None
     except Exception as error:  # torch raises several types for a damaged or foreign file
         raise ValueError(f"{what}: {path} cannot be read as a weights file ({error})") from None
     for key in ("state_dict", "model"):

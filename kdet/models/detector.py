@@ -63,6 +63,11 @@ class Detector(nn.Module):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def set_normalization(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        """Use another input normalisation than ImageNet's (a backbone trained with its own)."""
+        self.pixel_mean.copy_(torch.tensor(mean).view(1, 3, 1, 1))
+        self.pixel_std.copy_(torch.tensor(std).view(1, 3, 1, 1))
+
     def normalize(self, images: Tensor) -> Tensor:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape [N, 3, H, W], got {tuple(images.shape)}")

@@ -24,7 +24,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from ..config import ModelConfig
 from ..structures import Detections, DetectorOutput, FeatureMap, HeadLevel, Targets
 from . import MODELS
-from .backbones import Backbone, build_backbone
+from .backbones import Backbone
 from .detector import Detector
 
 # torchvision's FCOS head normalises with nn.GroupNorm(32, channels)
@@ -282,8 +282,9 @@ def build_fcos(config: ModelConfig, class_names: list[str], input_size: int, *, 
     if config.head != "anchor":
         raise ValueError(f"model.head: {config.head} is a head of the yolo family; FCOS has its own head "
                          f"(leave model.head out)")
-    backbone = build_backbone(config.backbone, size=config.size, width=config.width, pretrained=config.pretrained_backbone,
-                              allow_partial=config.partial_weights)
+    from . import backbone_from
+
+    backbone = backbone_from(config, input_size)
     return FCOSDetector(
         class_names,
         backbone,
