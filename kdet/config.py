@@ -79,7 +79,7 @@ class DataConfig(Strict):
 
 
 class ModelConfig(Strict):
-    family: str = Field("yolo", description="detector family: yolo or fcos")
+    family: str = Field("yolo", description="detector family: yolo, fcos, retinanet or faster_rcnn")
     backbone: str = Field("cspdarknet", description="cspdarknet, mobilenet_v2, mobilenet_v3_small/large, resnet18/34/50, or "
                           "timm:NAME for a timm model (pip install kdet[timm]; a plain ViT through a simple feature pyramid)")
     backbone_args: dict[str, Any] = Field(default_factory=dict, description="timm backbones: keyword arguments of "
@@ -93,7 +93,7 @@ class ModelConfig(Strict):
     anchors: Literal["auto", "default"] | list[list[list[float]]] = Field(
         "auto", description="yolo: 'auto' (k-means on the training boxes), 'default' (YOLOv5's) or [[[w, h], ...], ...]"
     )
-    fpn_channels: int = Field(64, ge=8, description="fcos: channels of the FPN and head")
+    fpn_channels: int = Field(64, ge=8, description="fcos, retinanet, faster_rcnn: channels of the FPN and head")
     extra_levels: bool = Field(True, description="fcos: add P6 and P7 (strides 64, 128) like the paper")
     pretrained_backbone: str | None = Field(None, description="local weights file for the backbone")
     weights: str | None = Field(None, description="kdet checkpoint to initialise the whole detector from")

@@ -147,7 +147,13 @@ class HeadLevel:
       ``(col * s, row * s)`` to the box edges, in units of ``s`` (torchvision's FCOS);
     * ``"ltrb_center"``: the same distances from the cell's centre point
       ``((col + 0.5) * s, (row + 0.5) * s)`` (YOLOv8-style DFL head, as Ultralytics places its
-      anchor points).
+      anchor points);
+    * ``"deltas"``: torchvision ``BoxCoder`` deltas ``(dx, dy, dw, dh)`` against the anchor boxes
+      of sizes ``anchors`` centred on the cell's corner point ``(col * s, row * s)`` (RetinaNet,
+      the region proposal network of Faster R-CNN; :func:`kdet.models.torchvision_detectors.decode_deltas`).
+
+    A two-stage detector's levels are its region proposal network's: ``cls_logits`` has no class
+    channel (``C = 0``), ``score`` is the class-agnostic objectness.
     """
 
     name: str
@@ -156,7 +162,7 @@ class HeadLevel:
     box: Tensor
     score: Tensor | None = None
     score_kind: str | None = None  # "objectness" | "centerness"
-    box_format: str = ""  # "yolov5" | "ltrb" | "ltrb_center"
+    box_format: str = ""  # "yolov5" | "ltrb" | "ltrb_center" | "deltas"
     anchors: Tensor | None = None  # [A, 2] anchor (w, h) in pixels, anchor-based heads only
     box_dist: Tensor | None = None  # [N, A, 4, R, H, W] edge distribution logits, DFL heads only
 

@@ -574,7 +574,7 @@ class BatchContext:
             raise ValueError(f"the teacher has no head level of stride {stride}")
         classes = self.link.teacher_classes
         quality = level_quality(replace(level, cls_logits=level.cls_logits[:, :, classes])
-                                if classes is not None else level)  # [N, A, 1, H, W]
+                                if classes is not None and level.num_classes else level)  # [N, A, 1, H, W]
         quality = quality.amax(1)  # [N, 1, H, W]
         if tuple(quality.shape[-2:]) != grid:
             quality = F.interpolate(quality, size=grid, mode="bilinear", align_corners=False)

@@ -111,6 +111,12 @@ def pair(teacher: ModelSpec, student: ModelSpec, settings: DistillSettings, *, t
             f"raw head maps (l2_logits) cannot be compared."
         )
     _note_necks(report)
+    two_stage = [side for side, spec in (("teacher", teacher), ("student", student)) if spec.two_stage]
+    if "teacher" in two_stage:
+        report.notes.append(
+            f"the {teacher.family} teacher is two-stage: it feeds feature terms (its backbone and neck maps) and, as a score "
+            f"map, its region proposal network's objectness (terms that weight locations by the teacher's scores: "
+            f"score_l2); its classes and boxes belong to proposals, not to locations, so response terms cannot read them")
     if not settings.terms:
         report.errors.append("distill.terms is empty: add at least one term, for example {loss: objectness_scaled, weight: 1.0}")
     for index, term in enumerate(settings.terms):
@@ -132,6 +138,15 @@ def pair(teacher: ModelSpec, student: ModelSpec, settings: DistillSettings, *, t
         if "assignment" in loss.context and not student.assigns:
             report.errors.append(f"{plan.key}: {term.loss} reads the student's own target assignment, which the "
                                  f"{student.family} student does not expose; use a yolo student")
+        if loss.kind == "response" and two_stage:
+            spec = teacher if "teacher" in two_stage else student
+            report.errors.append(
+                f"{plan.key}: {term.loss} compares per-location class scores and boxes, but the {two_stage[0]} "
+                f"({spec.family}) is two-stage: its classes and boxes belong to region proposals, and its per-location maps "
+                f"are the proposal network's class-agnostic objectness. Use feature terms (pkd, cwd, fitnet, mgd, fgd, "
+                f"relation) or score_l2, which reads that objectness as the teacher's score map")
+            report.terms.append(plan)
+            continue
         if loss.needs_box_dist:
             _check_box_dist(report, plan)
         if loss.kind == "response":
@@ -426,13 +441,14 @@ def _pair_features(report: PairingReport, plan: TermPlan, default_connector: str
 # Head maps -> the form response losses read
 # ---------------------------------------------------------------------------------------------
 def level_quality(level: HeadLevel) -> Tensor:
-    """``[N, A, 1, H, W]`` in ``[0, 1]``: objectness for YOLO heads; centerness x best class
-    probability for FCOS heads; best class probability for heads without a score."""
+    """``[N, A, 1, H, W]`` in ``[0, 1]``: objectness for YOLO heads and the region proposal
+    network of two-stage detectors; centerness x best class probability for FCOS heads; best
+    class probability for heads without a score (YOLO DFL, RetinaNet)."""
+    if level.score is not None and level.score_kind == "objectness":
+        return level.score.sigmoid()
     best_class = level.cls_logits.sigmoid().amax(2, keepdim=True)
     if level.score is None:
         return best_class
-    if level.score_kind == "objectness":
-        return level.score.sigmoid()
     return level.score.sigmoid() * best_class
 
 
@@ -450,6 +466,10 @@ def ltrb_in_strides(level: HeadLevel) -> Tensor:
         half = cell[..., 2:] / 2
         ltrb = torch.cat([half - cell[..., :2], cell[..., :2] + half], -1)
         return ltrb.permute(0, 1, 4, 2, 3)
+    if level.box_format == "deltas":  # torchvision BoxCoder deltas against anchors (RetinaNet, an RPN)
+        from ..models.torchvision_detectors import deltas_to_ltrb
+
+        return deltas_to_ltrb(level)
     raise ValueError(f"level {level.name}: unknown box format {level.box_format!r}")
 
 

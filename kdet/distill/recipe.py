@@ -8,6 +8,7 @@ of kdet's benchmark beds (BENCHMARKS.md, "The default recipe"):
 * Pearson-correlation feature distillation (``pkd``) on every neck level the two models share a
   stride on, ``weight: auto``: it standardises each channel, so teachers and students of other
   families, widths and backbones pair without tuning;
+* with a two-stage model (Faster R-CNN), whose classes and boxes belong to proposals, PKD alone;
 * when both heads predict box distributions (``model.head: dfl``), localization distillation
   (``ld``) and the teacher's soft class scores (``soft_bce``) instead of ``objectness_scaled``,
   the response terms that read what those heads have.
@@ -21,6 +22,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..config import ConfigError, DistillConfig, ModelConfig, TeacherConfig
+
+
+TWO_STAGE = "faster_rcnn"
 
 
 @dataclass
@@ -50,6 +54,9 @@ def default_recipe(teacher: ModelConfig, student: ModelConfig) -> Recipe:
     """The recipe for a ``teacher`` and a ``student`` of these architectures."""
     features = {"loss": "pkd", "student": "neck", "weight": "auto"}
     same_family = teacher.family == student.family
+    if TWO_STAGE in (teacher.family, student.family):
+        return Recipe("pkd", [features], f"a two-stage {TWO_STAGE} model has no per-location class scores or boxes for "
+                                         f"response terms: PKD on the neck levels of equal stride alone")
     if teacher.family == student.family == "yolo" and teacher.head == student.head == "dfl":
         return Recipe(
             "ld+soft_bce+pkd",

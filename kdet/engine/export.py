@@ -39,12 +39,14 @@ from torchvision.ops import clip_boxes_to_image
 from .. import __version__
 from ..models import Detector
 from ..models.fcos import decode_ltrb
+from ..models.torchvision_detectors import retinanet_boxes_and_scores
 from ..models.yolo import level_boxes_and_scores, select_detections
 from ..structures import Detections, HeadLevel
 
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("boxes", "scores")
 DEFAULT_OPSET = 17
+EXPORT_FAMILIES = ("yolo", "fcos", "retinanet")
 MIN_OPSET = 11  # Range (the decoding grids) needs opset 11
 try:  # the highest opset torch's TorchScript-based exporter can write (20 in torch 2.3 .. 2.14)
     from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as MAX_OPSET
@@ -83,8 +85,10 @@ def decode_levels(family: str, head: list[HeadLevel], image_size: tuple[int, int
         decode = level_boxes_and_scores
     elif family == "fcos":
         decode = decode_ltrb
+    elif family == "retinanet":
+        decode = retinanet_boxes_and_scores
     else:
-        raise ValueError(f"ONNX export supports the yolo and fcos families, not {family!r}")
+        raise ValueError(f"ONNX export supports the {', '.join(EXPORT_FAMILIES)} families, not {family!r}")
     decoded = [decode(level) for level in head]
     boxes = clip_boxes_to_image(torch.cat([b for b, _ in decoded], 1), image_size)
     scores = torch.cat([s for _, s in decoded], 1)
@@ -97,8 +101,10 @@ class ExportWrapper(nn.Module):
 
     def __init__(self, model: Detector, input_size: int) -> None:
         super().__init__()
-        if model.family not in ("yolo", "fcos"):
-            raise ValueError(f"ONNX export supports the yolo and fcos families, not {model.family!r}")
+        if model.family not in EXPORT_FAMILIES:
+            raise ValueError(f"ONNX export supports the {', '.join(EXPORT_FAMILIES)} families, not {model.family!r}"
+                             + (" (a two-stage detector: its boxes come from proposals chosen by NMS inside the network)"
+                                if getattr(model, "two_stage", False) else ""))
         self.model = model
         self.input_size = int(input_size)
 
@@ -158,6 +164,7 @@ def onnx_metadata(model: Detector, input_size: int, *, fp16: bool, dynamic_batch
     scores = {
         "yolo": "class probability" if getattr(model, "head_kind", "anchor") == "dfl" else "objectness x class probability",
         "fcos": "sqrt(class probability x centerness)",
+        "retinanet": "class probability",
     }[model.family]
     return {
         "kdet.version": __version__,

@@ -1,4 +1,4 @@
-"""Detectors: the built-in YOLO family and torchvision's FCOS, behind one interface."""
+"""Detectors: the built-in YOLO family and torchvision's FCOS, RetinaNet and Faster R-CNN, behind one interface."""
 from __future__ import annotations
 
 from typing import Callable
@@ -49,6 +49,6 @@ def build_model(config: ModelConfig, class_names: list[str], input_size: int) ->
 
 
 # families defined in their own modules register themselves on import
-from . import fcos  # noqa: E402,F401
+from . import fcos, torchvision_detectors  # noqa: E402,F401
 
 __all__ = ["MODELS", "Detector", "LevelSpec", "ModelSpec", "YOLODetector", "build_model"]

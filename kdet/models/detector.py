@@ -42,6 +42,7 @@ class ModelSpec:
     features: dict[str, tuple[int, int, tuple[int, int]]]  # name -> (channels, stride, (H, W))
     levels: tuple[LevelSpec, ...]
     assigns: bool = False  # whether the detector exposes its target assignment (:meth:`Detector.assign`)
+    two_stage: bool = False  # head maps are a region proposal network's (no per-location classes): Detector.two_stage
 
 
 class Detector(nn.Module):
@@ -52,6 +53,7 @@ class Detector(nn.Module):
     """
 
     family: str = ""
+    two_stage: bool = False  # its classes and boxes are per proposal; its head maps are the RPN's (no class channel)
 
     def __init__(self, class_names: list[str]) -> None:
         super().__init__()
@@ -134,4 +136,5 @@ class Detector(nn.Module):
                     box_bins=None if level.box_dist is None else int(level.box_dist.shape[3]),
                 )
             )
-        return ModelSpec(self.family, tuple(input_size), tuple(self.class_names), features, tuple(levels), self.assigns)
+        return ModelSpec(self.family, tuple(input_size), tuple(self.class_names), features, tuple(levels), self.assigns,
+                         self.two_stage)

@@ -73,11 +73,13 @@ def test_forward_features_and_head_shapes(family, backbone, height, width):
         grid = (math.ceil(height / level.stride), math.ceil(width / level.stride))
         n, a = 2, level.num_anchors
         assert level.grid_size == grid
-        assert level.num_classes == len(CLASS_NAMES)
-        assert level.cls_logits.shape == (n, a, len(CLASS_NAMES), *grid)
+        classes = 0 if model.two_stage else len(CLASS_NAMES)  # a two-stage detector's levels are its RPN's
+        assert level.num_classes == classes
+        assert level.cls_logits.shape == (n, a, classes, *grid)
         assert level.box.shape == (n, a, 4, *grid)
         assert level.score is None or level.score.shape == (n, a, 1, *grid)
-        assert level.box_format and level.score_kind in {"objectness", "centerness"}
+        assert level.box_format
+        assert level.score_kind in {"objectness", "centerness"} if level.score is not None else level.score_kind is None
         assert level.anchors is None or level.anchors.shape == (a, 2)
     assert out.losses is None and out.loss is None and out.detections is None
 
@@ -139,7 +141,7 @@ def test_describe_matches_forward(family, backbone):
     for level_spec, level in zip(spec.levels, out.head):
         assert level_spec.grid == level.grid_size and level_spec.stride == level.stride
         assert level_spec.channels == out.features[f"neck.{level.name}"].channels > 0
-        assert level_spec.num_classes == len(CLASS_NAMES)
+        assert level_spec.num_classes == (0 if spec.two_stage else len(CLASS_NAMES))
 
 
 @pytest.mark.parametrize(("family", "backbone"), CASES, ids=ids)
