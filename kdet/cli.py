@@ -97,6 +97,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     log(f"run directory: {out}")
     with group:
         train(config, out, resume=args.resume, log=log, progress=console.is_terminal)
+    if config.model.family == "ultralytics" and int(os.environ.get("RANK", "0")) == 0:
+        from .models.ultralytics import write_ultralytics_copy
+
+        write_ultralytics_copy(out, log)
     return 0
 
 
@@ -264,6 +268,20 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .engine.export import export_checkpoint
+
+    if args.format == "ultralytics":
+        from .engine.checkpoint import load_detector
+        from .models.ultralytics import save_ultralytics_checkpoint
+
+        model, payload = load_detector(args.checkpoint)
+        if model.family != "ultralytics":
+            raise ValueError(f"--format ultralytics writes models of the ultralytics family; {args.checkpoint} is {model.family}")
+        source = Path(args.checkpoint)
+        out = Path(args.out) if args.out else (source if source.is_dir() else source.parent) / "ultralytics.pt"
+        out = out / "ultralytics.pt" if out.is_dir() else out
+        save_ultralytics_checkpoint(model, out, payload["input_size"])
+        _log(f"wrote {out}, an Ultralytics checkpoint: YOLO('{out}').predict(...) / .val(...) / .export(...)")
+        return 0
 
     report, source = export_checkpoint(args.checkpoint, args.out, dynamic_batch=args.dynamic_batch, fp16=args.fp16, opset=args.opset)
     batch = "dynamic batch" if report.dynamic_batch else f"batch {report.batch}"
@@ -453,7 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="write a checkpoint as an ONNX model (boxes and per-class scores before NMS), checked against PyTorch")
     export.add_argument("checkpoint", help="a kdet checkpoint (best.pt, or a run directory for its best.pt), or bundled:bccd_teacher")
-    export.add_argument("--format", default="onnx", choices=["onnx"], help="output format (default: onnx)")
+    export.add_argument("--format", default="onnx", choices=["onnx", "ultralytics"],
+                        help="output format (default: onnx); ultralytics: an Ultralytics checkpoint of a model of that family "
+                             "(default ultralytics.pt beside the checkpoint)")
     export.add_argument("--out", help="output file, or an existing folder to write the default name into (default: the "
                         "checkpoint's name with .onnx, .fp16.onnx with --fp16; for bundled:NAME, NAME.onnx in the current directory)")
     export.add_argument("--dynamic-batch", action="store_true", help="make the batch dimension dynamic (default: a fixed batch of 1)")

@@ -79,7 +79,7 @@ class DataConfig(Strict):
 
 
 class ModelConfig(Strict):
-    family: str = Field("yolo", description="detector family: yolo, fcos, retinanet or faster_rcnn")
+    family: str = Field("yolo", description="detector family: yolo, fcos, retinanet, faster_rcnn or ultralytics")
     backbone: str = Field("cspdarknet", description="cspdarknet, mobilenet_v2, mobilenet_v3_small/large, resnet18/34/50, or "
                           "timm:NAME for a timm model (pip install kdet[timm]; a plain ViT through a simple feature pyramid)")
     backbone_args: dict[str, Any] = Field(default_factory=dict, description="timm backbones: keyword arguments of "
@@ -93,10 +93,14 @@ class ModelConfig(Strict):
     anchors: Literal["auto", "default"] | list[list[list[float]]] = Field(
         "auto", description="yolo: 'auto' (k-means on the training boxes), 'default' (YOLOv5's) or [[[w, h], ...], ...]"
     )
+    config: str | dict[str, Any] | None = Field(None, description="ultralytics: the model's yaml (yolo11n.yaml, yolov8s.yaml, "
+                                                "yolo26n.yaml ... as Ultralytics ships them, or a path); unset: the architecture "
+                                                "of the checkpoint in model.weights")
     fpn_channels: int = Field(64, ge=8, description="fcos, retinanet, faster_rcnn: channels of the FPN and head")
     extra_levels: bool = Field(True, description="fcos: add P6 and P7 (strides 64, 128) like the paper")
     pretrained_backbone: str | None = Field(None, description="local weights file for the backbone")
-    weights: str | None = Field(None, description="kdet checkpoint to initialise the whole detector from")
+    weights: str | None = Field(None, description="kdet checkpoint to initialise the whole detector from (ultralytics: an "
+                                "Ultralytics checkpoint too)")
     partial_weights: bool = Field(False, description="accept a weights or pretrained_backbone file that fits the model only "
                                   "in part: load the tensors that match by name and shape, leave the rest at their "
                                   "initialisation (default: such a file is refused)")

@@ -63,6 +63,10 @@ def distill(config: DistillConfig, out_dir: str | Path, *, resume: bool = False,
     if "unlabelled" in made:
         results["unlabelled"] = made["unlabelled"]
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    if config.model.family == "ultralytics":  # the student also as an Ultralytics checkpoint
+        from ..models.ultralytics import write_ultralytics_copy
+
+        write_ultralytics_copy(out_dir, log)
     return results
 
 

@@ -90,6 +90,10 @@ def load_checkpoint(path: str | Path, *, log: Callable[[str], None] = to_stderr)
         best = path.parent / "best.pt"
         raise ValueError(f"{path}: this is a run's training state (what --resume reads), not a detector checkpoint; use "
                          f"{best if best.is_file() else 'the best.pt beside it'} (or the run directory {path.parent})")
+    from ..models.ultralytics import is_ultralytics_checkpoint, kdet_payload
+
+    if is_ultralytics_checkpoint(payload):  # an Ultralytics best.pt: read as the ultralytics family
+        return kdet_payload(payload, path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not a kdet detector checkpoint (expected format {FORMAT!r})")
     return payload

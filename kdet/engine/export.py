@@ -46,7 +46,7 @@ from ..structures import Detections, HeadLevel
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("boxes", "scores")
 DEFAULT_OPSET = 17
-EXPORT_FAMILIES = ("yolo", "fcos", "retinanet")
+EXPORT_FAMILIES = ("yolo", "fcos", "retinanet", "ultralytics")
 MIN_OPSET = 11  # Range (the decoding grids) needs opset 11
 try:  # the highest opset torch's TorchScript-based exporter can write (20 in torch 2.3 .. 2.14)
     from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as MAX_OPSET
@@ -109,6 +109,8 @@ class ExportWrapper(nn.Module):
         self.input_size = int(input_size)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        if hasattr(self.model, "boxes_and_scores"):  # a family that decodes in its own way (ultralytics)
+            return self.model.boxes_and_scores(images)
         head = self.model(images).head
         return decode_levels(self.model.family, head, (self.input_size, self.input_size))
 
@@ -165,6 +167,7 @@ def onnx_metadata(model: Detector, input_size: int, *, fp16: bool, dynamic_batch
         "yolo": "class probability" if getattr(model, "head_kind", "anchor") == "dfl" else "objectness x class probability",
         "fcos": "sqrt(class probability x centerness)",
         "retinanet": "class probability",
+        "ultralytics": "class probability",
     }[model.family]
     return {
         "kdet.version": __version__,

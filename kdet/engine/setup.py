@@ -104,6 +104,10 @@ def resolve_model_config(config: Config, index: DatasetIndex, log: Log) -> Model
     default anchors when they can be assigned to at least 98% of the training boxes, otherwise
     fit new ones with k-means."""
     model = config.model
+    if model.family == "ultralytics":  # an Ultralytics checkpoint's architecture, recorded in the run's config
+        from ..models.ultralytics import resolve_config
+
+        return resolve_config(model)
     if model.family != "yolo" or model.head != "anchor" or model.anchors != "auto":
         return model
     size = config.data.input_size

@@ -49,6 +49,6 @@ def build_model(config: ModelConfig, class_names: list[str], input_size: int) ->
 
 
 # families defined in their own modules register themselves on import
-from . import fcos, torchvision_detectors  # noqa: E402,F401
+from . import fcos, torchvision_detectors, ultralytics  # noqa: E402,F401
 
 __all__ = ["MODELS", "Detector", "LevelSpec", "ModelSpec", "YOLODetector", "build_model"]
