@@ -1,17 +1,13 @@
 """The default distillation recipe: the terms ``kdet distill`` uses when a config gives none.
 
-The recipe depends on what the two heads can exchange, and was chosen on the validation splits
-of kdet's benchmark beds (BENCHMARKS.md, "The default recipe"):
-
-* a response term the student's head can read from any teacher head: ``objectness_scaled``
-  (Mehta & Ozay), boxes weighted like the student's own box loss (0.05);
-* Pearson-correlation feature distillation (``pkd``) on every neck level the two models share a
-  stride on, ``weight: auto``: it standardises each channel, so teachers and students of other
-  families, widths and backbones pair without tuning;
-* with a two-stage model (Faster R-CNN), whose classes and boxes belong to proposals, PKD alone;
-* when both heads predict box distributions (``model.head: dfl``), localization distillation
-  (``ld``) and the teacher's soft class scores (``soft_bce``) instead of ``objectness_scaled``,
-  the response terms that read what those heads have.
+Pearson-correlation feature distillation (``pkd``, Cao et al. 2022) on every neck level the two
+models share a stride on, with ``weight: auto`` at ``distill.auto.fraction: 1.0`` (the term's
+gradient on the student as large as the detection loss's). It was picked on the validation split
+of kdet's benchmark (BENCHMARKS.md, "Choosing the default recipe"): among the arms measured it
+was the one ahead of its baseline, where objectness_scaled alone was level with it and
+objectness_scaled with PKD fell behind. PKD standardises every channel of both maps, so teachers
+and students of other families, widths and backbones pair without tuning; it reads no head
+output, so any pair of heads (anchor, DFL, FCOS, a two-stage model's) can use it.
 
 :func:`with_default_recipe` fills an empty ``distill.terms`` with it before a run starts, so the
 run's ``config.yaml`` records the terms it trained with and ``--resume`` finds the same ones.
@@ -22,9 +18,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..config import ConfigError, DistillConfig, ModelConfig, TeacherConfig
-
-
-TWO_STAGE = "faster_rcnn"
 
 
 @dataclass
@@ -52,27 +45,15 @@ def teacher_model_config(teacher: TeacherConfig) -> ModelConfig:
 
 def default_recipe(teacher: ModelConfig, student: ModelConfig) -> Recipe:
     """The recipe for a ``teacher`` and a ``student`` of these architectures."""
-    features = {"loss": "pkd", "student": "neck", "weight": "auto"}
-    same_family = teacher.family == student.family
-    if TWO_STAGE in (teacher.family, student.family):
-        return Recipe("pkd", [features], f"a two-stage {TWO_STAGE} model has no per-location class scores or boxes for "
-                                         f"response terms: PKD on the neck levels of equal stride alone")
-    if teacher.family == student.family == "yolo" and teacher.head == student.head == "dfl":
-        return Recipe(
-            "ld+soft_bce+pkd",
-            [{"loss": "ld", "weight": "auto"}, {"loss": "soft_bce", "weight": "auto"}, features],
-            "both heads predict box-edge distributions (dfl): localization distillation on them, the teacher's soft "
-            "class scores, and PKD on the neck levels of equal stride",
-        )
-    why = ("same family: the student's head learns the teacher's objectness, classes and boxes (objectness_scaled)"
-           if same_family else
-           f"{teacher.family} teacher, {student.family} student: objectness_scaled compares scores and decoded boxes "
-           f"across the families")
+    pair = ("same family" if teacher.family == student.family and teacher.backbone == student.backbone else
+            f"{teacher.family}/{teacher.backbone} teacher, {student.family}/{student.backbone} student")
     return Recipe(
-        "objectness_scaled+pkd",
-        [{"loss": "objectness_scaled", "weight": 1.0, "args": {"box_weight": 0.05}}, features],
-        why + "; PKD (Pearson correlation) on the neck levels of equal stride, which normalises away the two "
-              "models' feature scales, weighted automatically",
+        "pkd",
+        [{"loss": "pkd", "student": "neck", "weight": "auto"}],
+        f"{pair}: PKD (Pearson correlation) on the neck levels of equal stride, which normalises away the two models' "
+        f"feature scales, weighted so its gradient matches the detection loss's (distill.auto.fraction 1.0); the "
+        f"arm ahead of its baseline on the benchmark's validation split (BENCHMARKS.md)",
+        {"auto": {"fraction": 1.0}},
     )
 
 
@@ -86,7 +67,9 @@ def with_default_recipe(config: DistillConfig, log: Callable[[str], None] = prin
                           "the terms (README: Several teachers)")
     recipe = default_recipe(config.model if config.teacher.self else teacher_model_config(config.teacher), config.model)
     log(f"recipe: distill.terms is empty, so kdet uses its default recipe {recipe.name}: {recipe.why}")
-    distill = config.distill.model_validate({**config.distill.model_dump(), "terms": recipe.terms, **recipe.settings})
+    # the recipe's settings, except those the config gives itself
+    settings = {k: v for k, v in recipe.settings.items() if k not in config.distill.model_fields_set}
+    distill = config.distill.model_validate({**config.distill.model_dump(), "terms": recipe.terms, **settings})
     return config.model_copy(update={"distill": distill}), recipe
 
 
