@@ -295,6 +295,39 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .config import ModelConfig
+    from .engine.checkpoint import load_detector, model_payload, save_atomic
+    from .models import build_model
+    from .models.prune import channel_plan, prune_detector
+
+    model, payload = load_detector(args.checkpoint)
+    config = ModelConfig.model_validate(payload["model_config"])
+    if config.channels:
+        raise ValueError(f"{args.checkpoint} is pruned already; prune the unpruned model with a larger --ratio")
+    size = payload["input_size"]
+    batches = None
+    if args.method == "taylor":
+        if not args.data:
+            raise ValueError("--method taylor needs --data (training images whose loss gradients rank the channels)")
+        from .data.pipeline import DetectionDataset, collate
+
+        records, _ = _records_for_model(argparse.Namespace(data=args.data, format="auto", split=args.split), model.class_names)
+        dataset = DetectionDataset(records[: 4 * args.batches], size, augment=None, cache="none")
+        samples = [dataset[i] for i in range(len(dataset))]
+        batches = [collate(samples[i:i + 4])[:2] for i in range(0, len(samples), 4)]
+    prune_detector(model, size, args.ratio, method=args.method, batches=batches, log=_log)
+    unpruned = build_model(config.model_copy(update={"weights": None, "pretrained_backbone": None}), model.class_names, size)
+    pruned_config = config.model_copy(update={"channels": channel_plan(model, unpruned), "weights": None, "pretrained_backbone": None})
+    out = Path(args.out)
+    save_atomic(model_payload(model, pruned_config, size, extra={"pruned_from": str(args.checkpoint), "prune_ratio": args.ratio,
+                                                                 "prune_method": args.method}), out)
+    load_detector(out, log=lambda _: None)  # the plan rebuilds it: every command can read the file
+    _log(f"wrote {out}: distil it with the unpruned model as teacher (model.weights: {out}, teacher.checkpoint: "
+         f"{args.checkpoint}), or fine-tune it (kdet train with model.weights: {out})")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .engine.bench import bench, format_bench
 
@@ -481,6 +514,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "converter; inputs and outputs stay fp32. ONNX Runtime runs it on the CPU, more slowly than fp32")
     export.add_argument("--opset", type=int, default=17, help="ONNX opset, 11 to 20 (default 17)")
     export.set_defaults(func=cmd_export)
+
+    prune_help = ("remove a fraction of the channels of a trained detector (torch-pruning's dependency graph, pip install "
+                  "kdet[prune]; the yolo family); the checkpoint records its channel plan, so every command "
+                  "reads it and model.weights: PRUNED.pt trains or distils it")
+    prune = sub.add_parser("prune", help=prune_help, description=prune_help)
+    prune.add_argument("checkpoint", help="a kdet checkpoint (best.pt, a run directory, bundled:bccd_teacher) or an Ultralytics one")
+    prune.add_argument("--ratio", type=float, default=0.5, help="fraction of the channels removed from every prunable layer (default 0.5)")
+    prune.add_argument("--method", default="l1", choices=["l1", "taylor"], help="channel ranking: L1 norm of the weights "
+                       "(default), or first-order Taylor estimate from the loss gradients on --data")
+    prune.add_argument("--data", help="taylor: dataset whose images rank the channels (a few batches of --split)")
+    prune.add_argument("--split", default="train", help="taylor: split of --data (default train)")
+    prune.add_argument("--batches", type=int, default=4, help="taylor: batches of 4 images (default 4)")
+    prune.add_argument("--out", required=True, help="the pruned checkpoint to write")
+    prune.set_defaults(func=cmd_prune)
 
     bench = sub.add_parser("bench", help="parameters, FLOPs, latency and images/s in PyTorch and ONNX Runtime (CPU), at a batch size")
     bench.add_argument("model", metavar="CHECKPOINT_OR_ONNX", help="a checkpoint (.pt, or bundled:bccd_teacher; exported to ONNX on the fly) or an .onnx file")

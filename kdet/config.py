@@ -96,6 +96,8 @@ class ModelConfig(Strict):
     config: str | dict[str, Any] | None = Field(None, description="ultralytics: the model's yaml (yolo11n.yaml, yolov8s.yaml, "
                                                 "yolo26n.yaml ... as Ultralytics ships them, or a path); unset: the architecture "
                                                 "of the checkpoint in model.weights")
+    channels: dict[str, dict[str, Any]] | None = Field(None, description="the channel plan of a pruned model (kdet prune "
+                                                       "writes it into its checkpoint; model.weights: pruned.pt adopts it)")
     fpn_channels: int = Field(64, ge=8, description="fcos, retinanet, faster_rcnn: channels of the FPN and head")
     extra_levels: bool = Field(True, description="fcos: add P6 and P7 (strides 64, 128) like the paper")
     pretrained_backbone: str | None = Field(None, description="local weights file for the backbone")

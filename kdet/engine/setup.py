@@ -104,6 +104,11 @@ def resolve_model_config(config: Config, index: DatasetIndex, log: Log) -> Model
     default anchors when they can be assigned to at least 98% of the training boxes, otherwise
     fit new ones with k-means."""
     model = config.model
+    if model.weights and model.channels is None:  # a pruned checkpoint: its channel plan, recorded in the run's config
+        plan = load_checkpoint(model.weights, log=log)["model_config"].get("channels")
+        if plan:
+            log(f"model.weights {model.weights} is a pruned model: building it with its channel plan")
+            model = model.model_copy(update={"channels": plan})
     if model.family == "ultralytics":  # an Ultralytics checkpoint's architecture, recorded in the run's config
         from ..models.ultralytics import resolve_config
 

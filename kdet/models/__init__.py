@@ -42,6 +42,10 @@ def build_model(config: ModelConfig, class_names: list[str], input_size: int) ->
     if config.backbone not in BACKBONES and not config.backbone.startswith("timm:"):
         BACKBONES.get(config.backbone)  # raises with the valid names
     model = MODELS.get(config.family)(config, class_names, input_size)
+    if config.channels:  # a pruned model: its channel plan
+        from .prune import apply_channel_plan
+
+        apply_channel_plan(model, config.channels)
     backbone = getattr(model, "backbone", None)
     if hasattr(backbone, "image_mean"):  # a timm network normalises its input its own way
         model.set_normalization(backbone.image_mean, backbone.image_std)
