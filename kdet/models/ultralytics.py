@@ -51,8 +51,14 @@ def import_ultralytics():
     os.environ.setdefault("YOLO_OFFLINE", "1")  # never look anything up online
     try:
         import ultralytics
+        from ultralytics.utils import patches
     except ImportError:
         raise ValueError(f"model.family: ultralytics needs the ultralytics package, which is not installed; {INSTALL_HINT}") from None
+    # Ultralytics replaces PIL.Image.open on import (to try a HEIF plugin on files PIL cannot
+    # identify); kdet's readers report such files as unreadable, so PIL's own open is put back
+    from PIL import Image
+
+    Image.open = getattr(patches, "_image_open", Image.open)
     return ultralytics
 
 

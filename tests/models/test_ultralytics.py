@@ -16,6 +16,9 @@ import yaml
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 pytest.importorskip("ultralytics")
+from kdet.models.ultralytics import import_ultralytics  # noqa: E402
+
+import_ultralytics()  # as kdet imports it: PIL's own Image.open kept for the rest of the suite
 
 from kdet.cli import main  # noqa: E402
 from kdet.config import DistillSettings, ModelConfig, TermConfig  # noqa: E402
@@ -172,6 +175,9 @@ def test_core_never_imports_ultralytics_and_says_how_to_install_it(monkeypatch):
     code = ("import sys, kdet.cli, kdet.models, kdet.distill.run, kdet.engine.export, kdet.report.build; "
             "assert 'ultralytics' not in sys.modules, 'imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+    from PIL import Image
+
+    assert Image.open.__module__ == "PIL.Image"  # Ultralytics' replacement of PIL's open is undone
     monkeypatch.setitem(sys.modules, "ultralytics", None)
     with pytest.raises(ValueError, match=r"pip install 'kdet\[ultralytics\]'"):
         build()
