@@ -324,25 +324,28 @@ def test_a_config_without_terms_gets_the_default_recipe(shapes_voc, teacher_chec
     path = write_yaml(tmp_path / "kd.yaml", data)
     assert main(["check", str(path)]) == 0
     text = capsys.readouterr().out
-    assert "default recipe pkd" in text and "pairing: OK" in text
+    assert "default recipe objectness_scaled" in text and "pairing: OK" in text
     out = tmp_path / "run"
     distill(validate_config(data, schema=DistillConfig), out, log=quiet, progress=False)
     recorded = yaml.safe_load((out / "config.yaml").read_text())["distill"]
-    assert [t["loss"] for t in recorded["terms"]] == ["pkd"] and recorded["terms"][0]["weight"] == "auto"
-    assert recorded["auto"]["fraction"] == 1.0
+    assert recorded["terms"] == [{**recorded["terms"][0], "loss": "objectness_scaled", "weight": 1.0, "args": {"box_weight": 0.05}}]
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    assert "loss_kd0_pkd" in record
+    assert "loss_kd0_objectness_scaled" in record
     # resuming the run re-derives the same terms, so the configs agree
     distill(validate_config({**data, "train": {**data["train"], "epochs": 2}}, schema=DistillConfig), out, resume=True,
             log=quiet, progress=False)
 
-    # a fraction the config sets itself is kept; the recipe reads no head, so a DFL pair takes it too
+    # a DFL pair compares scores and decoded boxes the same way
     dfl = distill_dict(shapes_voc, dfl_teacher_checkpoint)
-    dfl["distill"] = {"auto": {"fraction": 0.5}}
+    dfl["distill"] = {}
     dfl["model"]["head"] = "dfl"
-    from kdet.distill.recipe import with_default_recipe
-
-    config, recipe = with_default_recipe(validate_config(dfl, schema=DistillConfig), log=quiet)
-    assert recipe.name == "pkd" and config.distill.auto.fraction == 0.5
     assert main(["check", str(write_yaml(tmp_path / "dfl.yaml", dfl))]) == 0
-    assert "default recipe pkd" in capsys.readouterr().out
+    assert "default recipe objectness_scaled" in capsys.readouterr().out
+
+
+def test_a_two_stage_pair_gets_pkd():
+    from kdet.config import ModelConfig
+    from kdet.distill.recipe import default_recipe
+
+    recipe = default_recipe(ModelConfig(family="faster_rcnn", backbone="resnet18"), ModelConfig(family="yolo"))
+    assert recipe.name == "pkd" and recipe.terms[0]["weight"] == "auto" and recipe.settings == {"auto": {"fraction": 1.0}}
