@@ -90,6 +90,25 @@ def dfl_teacher_checkpoint(shapes_voc, tmp_path_factory) -> Path:
     return out / "best.pt"
 
 
+def interrupt_then_resume(run, config, out: Path, monkeypatch, *, at_epoch: int = 2) -> None:
+    """``run(config, out)`` (train or distill) stopped as epoch ``at_epoch`` starts, as a kill
+    between epochs would stop it, then continued with ``resume=True``."""
+    import kdet.engine.trainer as trainer
+
+    real_loader = trainer.epoch_loader
+
+    def stop(dataset, cfg, epoch):
+        if epoch == at_epoch:
+            raise KeyboardInterrupt
+        return real_loader(dataset, cfg, epoch)
+
+    monkeypatch.setattr(trainer, "epoch_loader", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(config, out, log=lambda _: None, progress=False)
+    monkeypatch.setattr(trainer, "epoch_loader", real_loader)
+    run(config, out, resume=True, log=lambda _: None, progress=False)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
     """Tiny models gain nothing from several threads; one keeps timings steady on shared CPUs."""

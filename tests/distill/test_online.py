@@ -16,7 +16,7 @@ from kdet.distill.setup import pair_config
 from kdet.engine.checkpoint import load_detector
 from kdet.engine.step import Batch
 from kdet.models import build_model
-from conftest import tiny_config_dict
+from conftest import interrupt_then_resume, tiny_config_dict
 
 SIZE = 64
 
@@ -88,21 +88,8 @@ def test_online_run_saves_and_scores_both_and_resumes_exactly(shapes_voc, teache
     assert main(["eval", str(straight / "teacher_best.pt"), "--data", str(shapes_voc), "--json"]) == 0
     capsys.readouterr()
 
-    import kdet.engine.trainer as trainer
-
-    real_loader = trainer.epoch_loader
-
-    def stop_at_epoch_2(dataset, cfg, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real_loader(dataset, cfg, epoch)
-
     resumed = tmp_path / "resumed"
-    monkeypatch.setattr(trainer, "epoch_loader", stop_at_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        distill(config, resumed, log=quiet, progress=False)
-    monkeypatch.setattr(trainer, "epoch_loader", real_loader)
-    distill(config, resumed, resume=True, log=quiet, progress=False)
+    interrupt_then_resume(distill, config, resumed, monkeypatch)
     a = torch.load(straight / "last.pt", weights_only=False)
     b = torch.load(resumed / "last.pt", weights_only=False)
     for key, value in a["model"].items():

@@ -14,7 +14,7 @@ from kdet.demo import demo_configs
 from kdet.distill.compare import collect_runs, comparison_rows, markdown_table
 from kdet.distill.run import distill
 from kdet.engine.trainer import train
-from conftest import tiny_config_dict
+from conftest import interrupt_then_resume, tiny_config_dict
 
 
 def quiet(_: str) -> None:
@@ -60,21 +60,8 @@ def test_distillation_resumes_to_identical_weights(shapes_voc, teacher_checkpoin
     straight = tmp_path / "straight"
     distill(config, straight, log=quiet, progress=False)
 
-    import kdet.engine.trainer as trainer
-
-    real_loader = trainer.epoch_loader
-
-    def stop_at_epoch_2(dataset, cfg, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real_loader(dataset, cfg, epoch)
-
     resumed = tmp_path / "resumed"
-    monkeypatch.setattr(trainer, "epoch_loader", stop_at_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        distill(config, resumed, log=quiet, progress=False)
-    monkeypatch.setattr(trainer, "epoch_loader", real_loader)
-    distill(config, resumed, resume=True, log=quiet, progress=False)
+    interrupt_then_resume(distill, config, resumed, monkeypatch)
 
     a = torch.load(straight / "last.pt", weights_only=False)
     b = torch.load(resumed / "last.pt", weights_only=False)

@@ -15,7 +15,7 @@ from kdet.engine.ema import ModelEMA
 from kdet.engine.step import Batch
 from kdet.engine.trainer import EMAHook, train
 from kdet.models import build_model
-from conftest import tiny_config_dict
+from conftest import interrupt_then_resume, tiny_config_dict
 
 
 def quiet(_: str) -> None:
@@ -71,21 +71,8 @@ def test_mean_teacher_run_resumes_exactly_and_has_no_teacher_row(shapes_voc, tmp
     records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss_kd0_kl"] >= 0 and "loss_kd1_fitnet" in r for r in records)
 
-    import kdet.engine.trainer as trainer
-
-    real_loader = trainer.epoch_loader
-
-    def stop_at_epoch_2(dataset, cfg, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real_loader(dataset, cfg, epoch)
-
     resumed = tmp_path / "resumed"
-    monkeypatch.setattr(trainer, "epoch_loader", stop_at_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        distill(config, resumed, log=quiet, progress=False)
-    monkeypatch.setattr(trainer, "epoch_loader", real_loader)
-    distill(config, resumed, resume=True, log=quiet, progress=False)
+    interrupt_then_resume(distill, config, resumed, monkeypatch)
     a = torch.load(straight / "last.pt", weights_only=False)
     b = torch.load(resumed / "last.pt", weights_only=False)
     for key, value in a["model"].items():
