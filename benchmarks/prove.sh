@@ -39,6 +39,9 @@ declare -A TERMS=(
   [fgd_f1]="[{loss: fgd, student: neck, weight: auto}]"
   [score_l2_f1]="[{loss: score_l2, student: neck, weight: auto}]"
   [recipe_cwd_f1]="[$RECIPE, {loss: cwd, student: neck, weight: auto}]"
+  [os_auto1]="[{loss: objectness_scaled, args: {box_weight: 0.05}, weight: auto}]"
+  [os_auto05]="[{loss: objectness_scaled, args: {box_weight: 0.05}, weight: auto}]"
+  [os_auto03]="[{loss: objectness_scaled, args: {box_weight: 0.05}, weight: auto}]"
 )
 # settings besides the terms
 declare -A EXTRA=(
@@ -49,6 +52,9 @@ declare -A EXTRA=(
   [fgd_f1]="--set distill.auto.fraction=1.0"
   [score_l2_f1]="--set distill.auto.fraction=1.0"
   [recipe_cwd_f1]="--set distill.auto.fraction=1.0"
+  [os_auto1]="--set distill.auto.fraction=1.0"
+  [os_auto05]="--set distill.auto.fraction=0.5"
+  [os_auto03]="--set distill.auto.fraction=0.3"
 )
 COMMON="--set train.threads=1 --set train.eval_every=4 $BED_SET"
 mkdir -p "$OUT"
