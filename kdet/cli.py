@@ -344,11 +344,15 @@ def _model_from_checkpoint_or_config(path: str, overrides: list[str], num_classe
     (default anchors, ``num_classes`` placeholder classes) for sizing before training."""
     from .engine.checkpoint import load_detector
 
-    if path.endswith((".yaml", ".yml")):
-        from .config import load_config
+    if path.endswith((".yaml", ".yml")) or not (path.startswith("bundled:") or Path(path).exists() or path.endswith(".pt")):
+        from .config import Config, DistillConfig, load_config, read_yaml_config
         from .models import build_model
 
-        config = load_config(path, overrides, base={"data": {"path": "unused"}})
+        path = str(config_path(path))  # a shipped recipe name (bccd_student) or a file
+        loaded = read_yaml_config(Path(path)) if Path(path).is_file() else None
+        distill = isinstance(loaded, dict) and ("teacher" in loaded or "distill" in loaded)
+        # a distillation config is sized by its student (its model section)
+        config = load_config(path, overrides, base={"data": {"path": "unused"}}, schema=DistillConfig if distill else Config)
         model_config = config.model
         if model_config.anchors == "auto":
             model_config = model_config.model_copy(update={"anchors": "default"})
@@ -493,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(func=cmd_predict)
 
     profile = sub.add_parser("profile", help="parameters, FLOPs and CPU latency of a checkpoint or a model config")
-    profile.add_argument("model", help="a checkpoint (.pt) or a config (.yaml)")
+    profile.add_argument("model", help="a checkpoint (.pt), a config (.yaml) or a shipped recipe name (bccd_student)")
     profile.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     profile.add_argument("--input-size", type=int)
     profile.add_argument("--num-classes", type=int, default=3, help="classes of a model built from a config (default 3)")

@@ -394,9 +394,12 @@ def _where(loc: tuple, source: str, lines: dict, overridden: set) -> str:
         written = sorted(o for o in overridden if o[: len(loc)] == loc)
         if written:
             return f"--set {'.'.join(written[0])}: "
+    # --set replaces the whole value at its key: a bad item under it (distill.terms.0.weight
+    # under --set distill.terms=[...]) came from --set even where the file has that item too
     for n in range(len(loc), 0, -1):
         if loc[:n] in overridden:
-            return "--set: "
+            return f"--set {'.'.join(loc[:n])}: "
+    for n in range(len(loc), 0, -1):
         if loc[:n] in lines:
             return f"{source}, line {lines[loc[:n]]}: "
     return f"{source}: "

@@ -50,6 +50,14 @@ def test_profile_of_checkpoint_and_config(trained_run, capsys):
     assert profile["params"] > 0 and profile["flops"] > 0 and profile["latency_ms_median"] > 0
 
 
+def test_profile_of_a_recipe_name_sizes_its_model_and_a_distill_recipe_its_student(capsys):
+    sizes = {}
+    for name, size in [("bccd_student", "t"), ("bccd_teacher", "s"), ("bccd_distill", "t")]:
+        assert main(["profile", name, "--runs", "1", "--threads", "1", "--json", "--input-size", "64"]) == 0
+        sizes[name] = json.loads(capsys.readouterr().out)["params"]
+    assert sizes["bccd_distill"] == sizes["bccd_student"] < sizes["bccd_teacher"]
+
+
 @pytest.mark.parametrize(
     "argv, expected",
     [

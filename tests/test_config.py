@@ -86,3 +86,17 @@ def test_train_on_invalid_yaml_or_duplicate_key_is_one_clear_line(tmp_path, caps
         assert main(["train", str(path), "--out", str(tmp_path / "run")]) == 2
         err = capsys.readouterr().err
         assert f"kdet train: error: {path}" in err and expected in err and "Traceback" not in err
+
+
+def test_bad_value_from_set_blames_set_not_the_file_line_it_replaced(tmp_path):
+    from kdet.config import DistillConfig
+
+    path = write(tmp_path, "data:\n  path: x\ntrain:\n  epochs: 3\nteacher:\n  checkpoint: t.pt\ndistill:\n  terms:\n    - loss: kl\n      weight: 1.0\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["train.epochs=many"])
+    message = str(info.value)
+    assert "--set train.epochs: train.epochs" in message and "line 4" not in message
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["distill.terms=[{loss: kl, weight: heavy}]"], schema=DistillConfig)
+    message = str(info.value)
+    assert "--set distill.terms: distill.terms.0.weight" in message and "line 9" not in message
