@@ -4,7 +4,7 @@
 # is `kdet train` on the same config (the student alone: same data, schedule and seed). The
 # teacher's outputs are read from a teacher cache in OUT_DIR/teacher_cache (one subdirectory per
 # seed; built by the first run that needs it; CACHE=0 runs the teacher live instead). Validation
-# every 4 epochs, 1 thread per run.
+# every 4 epochs, 1 thread per run. EPOCHS=N sets every run's schedule (give it its own OUT_DIR).
 # Resumable (see queue.sh): finished runs are skipped, interrupted ones resumed.
 #   benchmarks/prove.sh BED OUT_DIR "SEEDS" ARM...       BED: bccd_p | cs_p
 #   e.g. benchmarks/prove.sh bccd_p runs/prove_bccd "0 1 2" baseline recipe pkd
@@ -57,6 +57,8 @@ declare -A EXTRA=(
   [os_auto03]="--set distill.auto.fraction=0.3"
 )
 COMMON="--set train.threads=1 --set train.eval_every=4 $BED_SET"
+# EPOCHS=N: every run (baseline and arms) on an N-epoch schedule instead of the bed's
+[ -n "${EPOCHS:-}" ] && COMMON="$COMMON --set train.epochs=$EPOCHS"
 mkdir -p "$OUT"
 jobs=()
 for seed in $SEEDS; do
