@@ -28,6 +28,14 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
     index = read_dataset(resolve_data_path(args.path), args.format, verify_images=True)
     summary = summarize(index)
+    if args.labelled_fraction is not None and args.labelled_fraction < 1:
+        from .data.labelled import keep_labelled, labelled_record
+
+        if args.train_split not in index.splits:
+            raise ValueError(f"--labelled-fraction: {index.missing_split_message(args.train_split)}; name the training split "
+                             f"with --train-split")
+        part = keep_labelled(index, args.train_split, args.labelled_fraction, args.labelled_seed)
+        summary["labelled"] = labelled_record(part, args.train_split, args.labelled_fraction, args.labelled_seed, ids=args.json)
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
@@ -373,6 +381,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction 0 < F <= 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdet",
@@ -388,6 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("path", help="dataset folder, or bundled:bccd")
     check.add_argument("--format", default="auto", choices=["auto", "voc", "coco", "yolo"])
     check.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    check.add_argument("--labelled-fraction", type=_fraction, metavar="F", help="also show which images of the training "
+                       "split keep their labels with data.labelled_fraction F (0 < F <= 1); --json lists them")
+    check.add_argument("--labelled-seed", type=int, default=0, metavar="N", help="data.labelled_seed (default 0)")
+    check.add_argument("--train-split", default="train", metavar="NAME", help="data.train_split (default train)")
     check.set_defaults(func=cmd_data_check)
     convert = data.add_parser("convert", help="write a copy of a dataset in another format")
     convert.add_argument("path", help="dataset folder, or bundled:bccd")

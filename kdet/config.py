@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 
 class ConfigError(ValueError):
@@ -33,6 +34,12 @@ class AugmentConfig(Strict):
     mosaic: float = Field(0.0, ge=0, le=1, description="probability of a 4-image mosaic")
 
 
+TRAIN_REST = "train_rest"  # data.unlabelled: the training images data.labelled_fraction leaves out
+TRAIN_REST_NEEDS_FRACTION = ("data.unlabelled: train_rest needs data.labelled_fraction < 1 (train_rest is the part of the "
+                             "training split that loses its labels); set data.labelled_fraction, e.g. 0.1, or give "
+                             "data.unlabelled a folder of images or a dataset")
+
+
 class DataConfig(Strict):
     path: str = Field(..., description="dataset folder (VOC, COCO JSON or YOLO txt), or 'bundled:bccd'")
     format: Literal["auto", "voc", "coco", "yolo"] = "auto"
@@ -51,9 +58,16 @@ class DataConfig(Strict):
                                   "else ~/.cache/kdet/images)")
     cache_images: bool | None = Field(None, exclude=True, description="older spelling: true is cache: ram, false is cache: none")
     workers: int = Field(1, ge=0)
+    labelled_fraction: float = Field(1.0, gt=0, le=1, description="the part of the training split that keeps its labels: "
+                                     "round(fraction x images) of them (at least 1), a seeded choice (data.labelled_seed) "
+                                     "that every command training on this config makes alike (kdet train, distill, cache, "
+                                     "chain, the teacher's training); validation and test splits are untouched; 1: all")
+    labelled_seed: int = Field(0, description="seed of the data.labelled_fraction choice: one seeded order of the "
+                               "training images, of which a fraction keeps a prefix (with one seed, 0.1 is part of 0.25)")
     unlabelled: str | None = Field(None, description="kdet distill: a folder of images, or a dataset whose labels are "
-                                   "ignored, mixed into training for the distillation terms only (images of this dataset are "
-                                   "left out); kdet train ignores it")
+                                   "ignored, mixed into training for the distillation terms only (images of the labelled "
+                                   "splits are left out); train_rest: the training images data.labelled_fraction leaves out; "
+                                   "kdet train ignores it")
     unlabelled_ratio: float = Field(1.0, gt=0, description="unlabelled images added to each batch per labelled image "
                                     "(rounded, at least 1): 1.0 doubles the batch")
 
@@ -69,6 +83,13 @@ class DataConfig(Strict):
                              f"{data['cache']}; keep data.cache only")
         data["cache"] = cache
         return data
+
+    @field_validator("unlabelled")
+    @classmethod
+    def _train_rest_needs_a_fraction(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value == TRAIN_REST and info.data.get("labelled_fraction", 0.0) >= 1:
+            raise ValueError(TRAIN_REST_NEEDS_FRACTION.removeprefix("data.unlabelled: "))
+        return value
 
     @field_validator("input_size")
     @classmethod

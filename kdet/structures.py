@@ -82,7 +82,9 @@ class DatasetIndex:
     kdet made it). ``problems`` holds everything the reader found wrong, nothing left out.
     ``lost_splits`` maps each split the dataset names but that has no usable image (an
     unreadable annotation file, every image skipped...) to why; such a split is not in
-    ``splits``.
+    ``splits``. ``withheld`` maps a split whose labels a run uses only in part
+    (``data.labelled_fraction``) to the records it leaves out; that split in ``splits`` holds
+    the ones it keeps.
     """
 
     root: Path
@@ -92,6 +94,7 @@ class DatasetIndex:
     problems: list[Problem] = field(default_factory=list)
     split_source: str = "dataset"
     lost_splits: dict[str, str] = field(default_factory=dict)
+    withheld: dict[str, list[ImageRecord]] = field(default_factory=dict)
 
     def missing_split_message(self, name: str) -> str:
         """Why ``name`` is not a split of this dataset, and what it has instead."""

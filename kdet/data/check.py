@@ -131,6 +131,12 @@ def render_summary(summary: dict, console: Console) -> None:
     for name, counts in summary["splits"].items():
         splits.add_row(Text(name), str(counts["images"]), str(counts["boxes"]))
     console.print(splits)
+    labelled = summary.get("labelled")
+    if labelled:  # kdet data check --labelled-fraction
+        console.print(Text(f"data.labelled_fraction {labelled['fraction']:g} (seed {labelled['seed']}): {labelled['images']} "
+                           f"of the {labelled['of']} images of split {labelled['split']!r} keep their labels; the other "
+                           f"{labelled['of'] - labelled['images']} are data.unlabelled: train_rest (image ids sha256 "
+                           f"{labelled['ids_sha256'][:12]})"))
 
     classes = Table(title="Classes", title_justify="left")
     classes.add_column("id", justify="right")

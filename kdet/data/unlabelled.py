@@ -2,8 +2,10 @@
 them join each training batch.
 
 :func:`read_unlabelled` reads a folder of images, or a dataset whose labels are ignored, and
-drops every image the labelled dataset holds: its training images are already there with their
-labels, and its validation and test images must never be trained on, with labels or without.
+drops every image the labelled dataset's splits hold: its training images are already there with
+their labels, and its validation and test images must never be trained on, with labels or
+without. The training images ``data.labelled_fraction`` leaves out are not in the training split
+a run reads, so they stay, and ``data.unlabelled: train_rest`` names exactly them.
 
 :class:`UnlabelledFeed` gives the unlabelled images of every training step. Each step adds
 ``per_batch`` of them to the labelled batch, so the labelled batches are those of a run without
@@ -23,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ..config import TRAIN_REST, TRAIN_REST_NEEDS_FRACTION
 from ..structures import DatasetIndex, ImageRecord
 from .common import DataError, image_id_for, list_images, probe_images
 from .pipeline import DetectionDataset, collate
@@ -32,11 +35,20 @@ Log = Callable[[str], None]
 
 def read_unlabelled(path: str | Path, labelled: DatasetIndex, log: Log = print) -> list[ImageRecord]:
     """Records without boxes for the images at ``path``: a dataset (any format kdet reads; its
-    labels are ignored) or else a folder of images, searched recursively. Images of the labelled
-    dataset ``labelled`` are left out and counted in the log; unreadable images are skipped and
-    named. Raises :class:`DataError` when no image is left."""
+    labels are ignored) or else a folder of images, searched recursively; or, for the keyword
+    ``train_rest``, the training images ``data.labelled_fraction`` left out of ``labelled``
+    (``labelled.withheld``). Images of the labelled splits of ``labelled`` are left out and
+    counted in the log (so of the training split, only those a labelled fraction keeps);
+    unreadable images are skipped and named. Raises :class:`DataError` when no image is left."""
     from . import detect_format, read_dataset, resolve_data_path
 
+    if str(path) == TRAIN_REST:
+        records = [ImageRecord(r.image_id, r.path, r.width, r.height) for rest in labelled.withheld.values() for r in rest]
+        if not records:
+            raise DataError(TRAIN_REST_NEEDS_FRACTION)
+        log(f"data.unlabelled: {len(records)} images of the training split that data.labelled_fraction leaves out "
+            f"(train_rest, labels ignored)")
+        return records
     root = resolve_data_path(path).absolute()
     if not root.exists():
         raise DataError(f"data.unlabelled: {root} does not exist; give a folder of images or a dataset")

@@ -17,23 +17,28 @@ from .cache import CachedTeacher
 from .distiller import Distiller
 from .pairing import PairingReport
 from .recipe import with_default_recipe
-from .setup import (build_step, check_strategies, evaluate_teacher, pair_config, prepare_caches, shown, teacher_entries,
-                    unlabelled_feed)
+from .setup import (build_step, check_strategies, check_train_rest, evaluate_teacher, pair_config, prepare_caches, shown,
+                    teacher_entries, unlabelled_feed)
 
 Log = Callable[[str], None]
 
 
 def check(config: DistillConfig, log: Log = print) -> PairingReport:
     """Build the student (resolving its anchors from the data) and the teacher, and pair them."""
-    from ..engine.trainer import load_data, resolve_model_config
+    from ..data.labelled import labelled_line
+    from ..engine.trainer import labelled_summary, load_data, resolve_model_config
     from ..models import build_model
 
     config, recipe = with_default_recipe(config, log)
     index = load_data(config, log)
     student = build_model(resolve_model_config(config, index, log), index.class_names, config.data.input_size)
     report = shown(pair_config(config, student, index.class_names)[1])
+    labelled = labelled_summary(config, index)
+    if labelled is not None:
+        report.notes.insert(0, labelled_line(labelled))
     if recipe is not None:
         report.notes.insert(0, f"recipe: distill.terms is empty, so the default recipe {recipe.name}: {recipe.why}")
+    check_train_rest(config, index)
     return report
 
 

@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..config import ConfigError, DistillConfig, ModelConfig, TeacherConfig
+from ..config import TRAIN_REST, TRAIN_REST_NEEDS_FRACTION, ConfigError, DistillConfig, ModelConfig, TeacherConfig
 from ..data.pipeline import DetectionDataset
 from ..data.unlabelled import UnlabelledFeed, read_unlabelled
 from ..engine import distributed
@@ -108,8 +108,10 @@ def pair_config(config: DistillConfig, student: Detector, class_names: list[str]
                            "step; it starts as the student and lags behind it")
     if config.data.unlabelled:
         per_batch = max(1, round(config.data.unlabelled_ratio * config.train.batch_size))
+        source = ("train_rest: the training images data.labelled_fraction leaves out" if config.data.unlabelled == TRAIN_REST
+                  else config.data.unlabelled)
         shown_notes.append(
-            f"unlabelled images ({config.data.unlabelled}): {per_batch} join each batch of {config.train.batch_size}; they reach "
+            f"unlabelled images ({source}): {per_batch} join each batch of {config.train.batch_size}; they reach "
             f"the distillation terms only, each model's own detection loss reads the labelled images"
             + (f", and the student's also the teachers' detections on them of score >= {config.distill.pseudo_labels.score:g} "
                f"(after feature-map NMS) as boxes, weighted {config.distill.pseudo_labels.weight:g}"
@@ -193,11 +195,23 @@ def build_step(config: DistillConfig, student: Detector, index: DatasetIndex, tr
     return step, made
 
 
+def check_train_rest(config: DistillConfig, index: DatasetIndex) -> None:
+    """Refuse ``data.unlabelled: train_rest`` when the labelled fraction leaves no training image out."""
+    if config.data.unlabelled != TRAIN_REST or index.withheld.get(config.data.train_split):
+        return
+    if config.data.labelled_fraction >= 1:
+        raise ConfigError(TRAIN_REST_NEEDS_FRACTION)
+    raise ConfigError(f"data.unlabelled: train_rest: data.labelled_fraction {config.data.labelled_fraction:g} keeps all "
+                      f"{len(index.split(config.data.train_split))} training images (rounded), so none is left to be "
+                      f"unlabelled; give a smaller fraction")
+
+
 def unlabelled_feed(config: DistillConfig, index: DatasetIndex, offset: int, log: Log) -> UnlabelledFeed | None:
     """The unlabelled images of ``data.unlabelled`` (augmented as the training images are) and
     how many join each batch; ``None`` without them."""
     if not config.data.unlabelled:
         return None
+    check_train_rest(config, index)
     records = read_unlabelled(config.data.unlabelled, index, log)
     dataset = DetectionDataset(records, config.data.input_size, augment=config.data.augment, cache=config.data.cache,
                                cache_dir=config.data.cache_dir, seed=config.seed)

@@ -19,6 +19,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from ..config import Config, ConfigError, ModelConfig, config_to_dict
 from ..data import read_dataset, resolve_data_path
+from ..data.labelled import keep_labelled, labelled_line, labelled_record
 from ..data.pipeline import DetectionDataset, collate
 from ..models import Detector
 from ..models.anchors import DEFAULT_ANCHORS, best_possible_recall, kmeans_anchors
@@ -88,6 +89,8 @@ def load_data(config: Config, log: Log) -> DatasetIndex:
         if not index.splits[name]:
             raise ConfigError(f"data.{key}: split {name!r} of the dataset at {index.root} has no usable image; "
                               f"`kdet data check {index.root}` lists what was skipped and why")
+    if config.data.labelled_fraction < 1:
+        index = labelled_part(config, index, log)
     if config.data.test_split in index.lost_splits:
         log(f"warning: data.test_split: split {config.data.test_split!r} is lost ({index.lost_splits[config.data.test_split]}); "
             f"the run is scored on {config.data.val_split!r} instead")
@@ -97,6 +100,27 @@ def load_data(config: Config, log: Log) -> DatasetIndex:
             kinds[problem.kind] = kinds.get(problem.kind, 0) + 1
         log(f"data: {len(index.problems)} problem(s) found and handled ({', '.join(f'{k}: {v}' for k, v in sorted(kinds.items()))}); see problems.json or `kdet data check`")
     return index
+
+
+def labelled_part(config: Config, index: DatasetIndex, log: Log) -> DatasetIndex:
+    """``index`` whose training split holds only the images ``data.labelled_fraction`` keeps
+    (:mod:`kdet.data.labelled`), the others in ``index.withheld``; logged in one line."""
+    split = config.data.train_split
+    shared = [key for key in ("val_split", "test_split") if getattr(config.data, key) == split]
+    if shared:
+        raise ConfigError(f"data.labelled_fraction: data.train_split {split!r} is also data.{shared[0]}, which keeps all its "
+                          f"images; give the training split a split of its own")
+    index = keep_labelled(index, split, config.data.labelled_fraction, config.data.labelled_seed)
+    log(labelled_line(labelled_summary(config, index)))
+    return index
+
+
+def labelled_summary(config: Config, index: DatasetIndex, *, ids: bool = False) -> dict | None:
+    """What a run with ``data.labelled_fraction`` trains on (:func:`~kdet.data.labelled.labelled_record`);
+    ``None`` when the whole training split keeps its labels."""
+    if config.data.labelled_fraction >= 1:
+        return None
+    return labelled_record(index, config.data.train_split, config.data.labelled_fraction, config.data.labelled_seed, ids=ids)
 
 
 def resolve_model_config(config: Config, index: DatasetIndex, log: Log) -> ModelConfig:

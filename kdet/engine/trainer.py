@@ -47,6 +47,7 @@ from .setup import (
     epoch_loader,
     eval_settings,
     init_weights_from,
+    labelled_summary,
     load_data,
     pick_device,
     read_history,
@@ -314,6 +315,9 @@ def train(
     index = load_data(config, log)
     if main:
         (out_dir / "problems.json").write_text(json.dumps([p.to_dict() for p in index.problems], indent=1))
+        labelled = labelled_summary(config, index, ids=True)
+        if labelled is not None:  # which training images kept their labels (data.labelled_fraction)
+            (out_dir / "labelled.json").write_text(json.dumps(labelled, indent=1))
     model_config = ModelConfig.model_validate(saved["model_config"]) if saved else resolve_model_config(config, index, log)
     model_config = distributed.broadcast_object(model_config)  # one set of anchors for every process
     resolved = config.model_copy(update={"model": model_config})
@@ -425,6 +429,9 @@ def finish_run(out_dir: Path, config: Config, index: DatasetIndex, log: Log, cod
         "processes": distributed.world_size(),
         "code": code,
     }
+    labelled = labelled_summary(config, index)
+    if labelled is not None:
+        results["labelled"] = labelled
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     coco = metrics["coco"]
     log(f"{split}: AP {coco['AP']:.3f}, AP50 {coco['AP50']:.3f}, VOC mAP50 {metrics['voc']['mAP50_all']:.3f} "
