@@ -7,7 +7,8 @@ AP@[.5:.95], AP50, AP75 and VOC mAP@0.5 (mean ± sample sd over seeds), the gain
 baseline of the same seed (mean ± sd, and per seed), and the fraction of the teacher-student gap
 closed on the means; then AP@[.5:.95] per class. `kdet compare` gives the same AP, AP50, VOC,
 ΔAP and gap figures; this adds AP75, AP50 gains, per-seed gains and the per-class table, and
-last the validation AP@[.5:.95] at every validated epoch (metrics.jsonl), mean over seeds.
+then the validation AP@[.5:.95] at every validated epoch (metrics.jsonl), mean over seeds, and
+last the training time per epoch against the baseline's (teacher cached or live).
 """
 from __future__ import annotations
 
@@ -74,6 +75,32 @@ def main(out: Path, baseline_name: str, arms: list[str]) -> None:
     for cells in per_class:
         print("| " + " | ".join(cells) + " |")
     print_curves(out, [baseline_name, *arms])
+    print_times(out, baseline_name, arms)
+
+
+def epoch_seconds(run: Path) -> float:
+    """Mean training seconds per epoch (validation excluded), from metrics.jsonl."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return statistics.fmean(r["train_time_s"] for r in records if "train_time_s" in r)
+
+
+def print_times(out: Path, baseline_name: str, arms: list[str]) -> None:
+    """Training seconds per epoch of each arm against its baseline of the same seed, split by
+    whether the teacher's outputs came from the teacher cache or from the teacher run live."""
+    base = {seed: epoch_seconds(out / f"{baseline_name}-s{seed}") for seed in load(out, baseline_name)}
+    print("\ntraining time per epoch against the baseline of the same seed (both runs shared the machine with one other run)\n")
+    print("| arm | teacher | seeds | s/epoch | baseline s/epoch | ratio |\n|---|---|---|---|---|---|")
+    print(f"| {baseline_name} | - | {','.join(map(str, sorted(base)))} | {statistics.fmean(base.values()):.1f} | - | - |")
+    for name in arms:
+        groups: dict[str, list[int]] = {}
+        for seed, result in load(out, name).items():
+            if seed in base:
+                groups.setdefault("cache" if result.get("teacher_cache") else "live", []).append(seed)
+        for kind, seeds in sorted(groups.items()):
+            arm = [epoch_seconds(out / f"{name}-s{s}") for s in seeds]
+            ratio = [a / base[s] for a, s in zip(arm, seeds)]
+            print(f"| {name} | {kind} | {','.join(map(str, seeds))} | {statistics.fmean(arm):.1f} | "
+                  f"{statistics.fmean(base[s] for s in seeds):.1f} | {stat(ratio)}x |")
 
 
 def val_curve(run: Path) -> dict[int, float]:
