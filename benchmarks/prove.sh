@@ -6,7 +6,9 @@
 # seed; built by the first run that needs it; CACHE=0 runs the teacher live instead). Validation
 # every 4 epochs, 1 thread per run. EPOCHS=N sets every run's schedule (give it its own OUT_DIR).
 # Resumable (see queue.sh): finished runs are skipped, interrupted ones resumed.
-#   benchmarks/prove.sh BED OUT_DIR "SEEDS" ARM...       BED: bccd_p | cs_p
+#   benchmarks/prove.sh BED OUT_DIR "SEEDS" ARM...       BED: bccd_p | cs_p | bccd_dfl_p
+# (bccd_dfl_p: DFL heads on both sides; its teacher: kdet train bccd_student_dfl --set model.size=s
+#  --set train.threads=1 --out runs/prove_bccd_dfl/teacher)
 #   e.g. benchmarks/prove.sh bccd_p runs/prove_bccd "0 1 2" baseline recipe pkd
 # then: python benchmarks/paired.py OUT_DIR baseline ARM...
 set -euo pipefail
@@ -17,8 +19,9 @@ CACHE_ARG="--teacher-cache $OUT/teacher_cache"
 [ "${CACHE:-1}" = 0 ] && CACHE_ARG=""
 case $BED in
   bccd_p) TRAIN="bccd_student"; DISTILL="bccd_distill"; BED_SET="--set model.size=p" ;;
+  bccd_dfl_p) TRAIN="bccd_student_dfl"; DISTILL="benchmarks/configs/bccd_dfl_distill.yaml"; BED_SET="--set model.size=p" ;;
   cs_p) TRAIN="benchmarks/configs/cs_student.yaml"; DISTILL="benchmarks/configs/cs_distill.yaml"; BED_SET="" ;;
-  *) echo "unknown test bed $BED (bccd_p, cs_p)"; exit 2 ;;
+  *) echo "unknown test bed $BED (bccd_p, cs_p, bccd_dfl_p)"; exit 2 ;;
 esac
 RECIPE="{loss: objectness_scaled, args: {box_weight: 0.05}}"
 declare -A TERMS=(
@@ -39,6 +42,9 @@ declare -A TERMS=(
   [fgd_f1]="[{loss: fgd, student: neck, weight: auto}]"
   [score_l2_f1]="[{loss: score_l2, student: neck, weight: auto}]"
   [recipe_cwd_f1]="[$RECIPE, {loss: cwd, student: neck, weight: auto}]"
+  [ld]="[{loss: ld, weight: auto}]"
+  [ld_bce]="[{loss: ld, weight: auto}, {loss: soft_bce, weight: auto}]"
+  [ld_bce_assign]="[{loss: ld, weight: auto}, {loss: soft_bce, weight: auto}]"
   [os_auto1]="[{loss: objectness_scaled, args: {box_weight: 0.05}, weight: auto}]"
   [os_auto05]="[{loss: objectness_scaled, args: {box_weight: 0.05}, weight: auto}]"
   [os_auto03]="[{loss: objectness_scaled, args: {box_weight: 0.05}, weight: auto}]"
@@ -52,6 +58,9 @@ declare -A EXTRA=(
   [fgd_f1]="--set distill.auto.fraction=1.0"
   [score_l2_f1]="--set distill.auto.fraction=1.0"
   [recipe_cwd_f1]="--set distill.auto.fraction=1.0"
+  [ld]="--set distill.auto.fraction=0.5"
+  [ld_bce]="--set distill.auto.fraction=0.5"
+  [ld_bce_assign]="--set distill.assign=teacher --set distill.auto.fraction=0.5"
   [os_auto1]="--set distill.auto.fraction=1.0"
   [os_auto05]="--set distill.auto.fraction=0.5"
   [os_auto03]="--set distill.auto.fraction=0.3"
