@@ -287,7 +287,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         source = Path(args.checkpoint)
         out = Path(args.out) if args.out else (source if source.is_dir() else source.parent) / "ultralytics.pt"
         out = out / "ultralytics.pt" if out.is_dir() else out
-        save_ultralytics_checkpoint(model, out, payload["input_size"])
+        save_ultralytics_checkpoint(model, out, payload["input_size"], payload["model_config"].get("channels"))
         _log(f"wrote {out}, an Ultralytics checkpoint: YOLO('{out}').predict(...) / .val(...) / .export(...)")
         return 0
 
@@ -542,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_export)
 
     prune_help = ("remove a fraction of the channels of a trained detector (torch-pruning's dependency graph, pip install "
-                  "kdet[prune]; the yolo family); the checkpoint records its channel plan, so every command "
+                  "kdet[prune]; the yolo and ultralytics families); the checkpoint records its channel plan, so every command "
                   "reads it and model.weights: PRUNED.pt trains or distils it")
     prune = sub.add_parser("prune", help=prune_help, description=prune_help)
     prune.add_argument("checkpoint", help="a kdet checkpoint (best.pt, a run directory, bundled:bccd_teacher) or an Ultralytics one")

@@ -103,7 +103,7 @@ def kdet_payload(payload: dict, path: str | Path) -> dict:
     classes = [str(names[i]) if i in names else str(i) for i in range(int(network.yaml["nc"]))]
     imgsz = (payload.get("train_args") or {}).get("imgsz", 640)
     imgsz = int(imgsz[0] if isinstance(imgsz, (list, tuple)) else imgsz)
-    config = ModelConfig(family="ultralytics", config=dict(network.yaml))
+    config = ModelConfig(family="ultralytics", config=dict(network.yaml), channels=payload.get("kdet_channels"))
     return {
         "format": FORMAT,
         "kdet_version": __version__,
@@ -123,9 +123,11 @@ def resolve_config(config: ModelConfig) -> ModelConfig:
     return config.model_copy(update={"config": dict(network_of(read_ultralytics_checkpoint(config.weights)).yaml)})
 
 
-def save_ultralytics_checkpoint(model: "UltralyticsDetector", path: str | Path, input_size: int) -> Path:
+def save_ultralytics_checkpoint(model: "UltralyticsDetector", path: str | Path, input_size: int,
+                                channels: dict | None = None) -> Path:
     """Write ``model`` as an Ultralytics checkpoint that ``YOLO(path)`` loads for ``predict``,
-    ``val`` and ``export``: its network with kdet's class names and input size."""
+    ``val`` and ``export``: its network with kdet's class names and input size. A pruned model's
+    channel plan (``channels``, its ``model.channels``) goes with it, so kdet rebuilds it too."""
     ultralytics = import_ultralytics()
     from ..engine.checkpoint import atomic_file
 
@@ -137,6 +139,8 @@ def save_ultralytics_checkpoint(model: "UltralyticsDetector", path: str | Path, 
                "license": "AGPL-3.0 (https://ultralytics.com/license)", "docs": "https://docs.ultralytics.com",
                "epoch": -1, "best_fitness": None, "model": None, "ema": network, "updates": 0, "optimizer": None,
                "train_args": train_args, "train_metrics": {}, "train_results": {}}
+    if channels:
+        payload["kdet_channels"] = channels
     path = Path(path)
     with atomic_file(path) as handle:
         torch.save(payload, handle)
@@ -154,7 +158,8 @@ def write_ultralytics_copy(run_dir: str | Path, log=print) -> Path | None:
     model, payload = load_detector(best, log=lambda _: None)
     if model.family != "ultralytics":
         return None
-    out = save_ultralytics_checkpoint(model, best.parent / "ultralytics.pt", payload["input_size"])
+    out = save_ultralytics_checkpoint(model, best.parent / "ultralytics.pt", payload["input_size"],
+                                      payload["model_config"].get("channels"))
     log(f"also saved as an Ultralytics checkpoint: {out} (YOLO('{out}').predict(...) / .val(...))")
     return out
 
