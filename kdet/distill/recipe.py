@@ -1,18 +1,24 @@
 """The default distillation recipe: the terms ``kdet distill`` uses when a config gives none.
 
-``objectness_scaled`` (Mehta & Ozay 2018) with its box part weighted like the student's own box
-loss (0.05): the student's head learns where the teacher sees objects, their classes and boxes,
-compared as probabilities and decoded boxes, so any pair of one-stage heads (anchor, DFL, FCOS,
-across families) can use it. Of the arms measured on BCCD's validation split over three seeds
-(BENCHMARKS.md, "Distillation with a real gap") it was the one ahead of its baseline on every
-seed (PKD on the neck was ahead on two seeds and behind on the third, and behind on
-construction-safety; objectness_scaled with PKD fell behind). It has not earned its place yet:
-on BCCD's test split it is level with the baseline. A two-stage model (Faster R-CNN) has no
-per-location scores to compare, so such pairs get PKD on the neck levels of equal stride,
-``weight: auto`` at ``distill.auto.fraction: 1.0``.
+* Both heads kdet's DFL head (``model.head: dfl``): localization distillation on the box
+  distributions (``ld``) and the teacher's class probabilities as soft labels (``soft_bce``),
+  each ``weight: auto`` at ``distill.auto.fraction: 0.5``, with the student's positives taken from
+  the teacher's predictions (``distill.assign: teacher``): PP-YOLOE+'s distillation of one-stage
+  DFL detectors (LD by Zheng et al. 2022, soft labels after GFL, assignment distillation after
+  LAD). On BCCD (BENCHMARKS.md, "DFL heads and localization distillation") it is the first recipe
+  that beats its paired baseline by more than the seed spread.
+* Other one-stage pairs (anchor heads, FCOS, across families): ``objectness_scaled`` (Mehta &
+  Ozay 2018) with its box part weighted like the student's own box loss (0.05): the student's
+  head learns where the teacher sees objects, their classes and boxes, compared as probabilities
+  and decoded boxes, so any pair of one-stage heads can use it. On BCCD and construction-safety it
+  raises AP50 and leaves AP@[.5:.95] level with the baseline; none of the other terms measured
+  with anchor heads did better (PKD, ``weight: auto``, combinations; BENCHMARKS.md).
+* A two-stage model (Faster R-CNN) has no per-location scores to compare, so such pairs get PKD
+  on the neck levels of equal stride, ``weight: auto`` at ``distill.auto.fraction: 1.0``.
 
 :func:`with_default_recipe` fills an empty ``distill.terms`` with it before a run starts, so the
-run's ``config.yaml`` records the terms it trained with and ``--resume`` finds the same ones.
+run's ``config.yaml`` records the terms (and settings) it trained with and ``--resume`` finds the
+same ones.
 """
 from __future__ import annotations
 
@@ -56,14 +62,24 @@ def default_recipe(teacher: ModelConfig, student: ModelConfig) -> Recipe:
             "correlation) on the neck levels of equal stride, weighted so its gradient matches the detection loss's",
             {"auto": {"fraction": 1.0}},
         )
+    if all(model.family == "yolo" and model.head == "dfl" for model in (teacher, student)):
+        return Recipe(
+            "ld_soft_labels",
+            [{"loss": "ld", "weight": "auto"}, {"loss": "soft_bce", "weight": "auto"}],
+            "both heads are DFL heads with box distributions: localization distillation (ld) and the teacher's class "
+            "probabilities as soft labels (soft_bce), each weighted to half the detection loss's gradient, the student's "
+            "positives taken from the teacher's predictions (distill.assign: teacher), as PP-YOLOE+ distils; on BCCD it "
+            "beat its paired baseline (BENCHMARKS.md): measure it against your own baseline",
+            {"auto": {"fraction": 0.5}, "assign": "teacher"},
+        )
     pair = ("same family" if teacher.family == student.family else
             f"{teacher.family} teacher, {student.family} student: scores and boxes compared in a form both heads share")
     return Recipe(
         "objectness_scaled",
         [{"loss": "objectness_scaled", "weight": 1.0, "args": {"box_weight": 0.05}}],
-        f"{pair}; objectness_scaled (Mehta & Ozay) with the box part weighted like the student's own box loss: ahead of "
-        f"its baseline on BCCD's validation split on 3 of 3 seeds, level with it on the test split (BENCHMARKS.md): "
-        f"measure it against your own baseline",
+        f"{pair}; objectness_scaled (Mehta & Ozay) with the box part weighted like the student's own box loss: it raised "
+        f"AP50 on BCCD and construction-safety and left AP@[.5:.95] level with the baseline (BENCHMARKS.md); with DFL heads "
+        f"on both sides (model.head: dfl) kdet uses LD and soft labels instead: measure it against your own baseline",
     )
 
 

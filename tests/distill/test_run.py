@@ -12,6 +12,7 @@ from kdet.cli import main
 from kdet.config import ConfigError, DistillConfig, load_config, validate_config
 from kdet.demo import demo_configs
 from kdet.distill.compare import collect_runs, comparison_rows, markdown_table
+from kdet.distill.recipe import with_default_recipe
 from kdet.distill.run import distill
 from kdet.engine.trainer import train
 from conftest import interrupt_then_resume, tiny_config_dict
@@ -322,12 +323,30 @@ def test_a_config_without_terms_gets_the_default_recipe(shapes_voc, teacher_chec
     distill(validate_config({**data, "train": {**data["train"], "epochs": 2}}, schema=DistillConfig), out, resume=True,
             log=quiet, progress=False)
 
-    # a DFL pair compares scores and decoded boxes the same way
+    # a DFL teacher with an anchor student compares scores and decoded boxes the same way
+    mixed = distill_dict(shapes_voc, dfl_teacher_checkpoint)
+    mixed["distill"] = {}
+    assert main(["check", str(write_yaml(tmp_path / "mixed.yaml", mixed))]) == 0
+    assert "default recipe objectness_scaled" in capsys.readouterr().out
+
+    # DFL heads on both sides get LD and soft labels, with the teacher's assignment
     dfl = distill_dict(shapes_voc, dfl_teacher_checkpoint)
     dfl["distill"] = {}
     dfl["model"]["head"] = "dfl"
     assert main(["check", str(write_yaml(tmp_path / "dfl.yaml", dfl))]) == 0
-    assert "default recipe objectness_scaled" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "default recipe ld_soft_labels" in text and "distill.assign: teacher" in text and "pairing: OK" in text
+    out = tmp_path / "dfl_run"
+    distill(validate_config(dfl, schema=DistillConfig), out, log=quiet, progress=False)
+    recorded = yaml.safe_load((out / "config.yaml").read_text())["distill"]
+    assert [t["loss"] for t in recorded["terms"]] == ["ld", "soft_bce"] and {t["weight"] for t in recorded["terms"]} == {"auto"}
+    assert recorded["assign"] == "teacher" and recorded["auto"]["fraction"] == 0.5
+    assert set(json.loads((out / "auto_weights.json").read_text())) >= {"distill.terms.0", "distill.terms.1"}
+
+    # a setting the config gives itself is kept
+    own = {**dfl, "distill": {"assign": "own"}}
+    config, recipe = with_default_recipe(validate_config(own, schema=DistillConfig), log=quiet)
+    assert recipe.name == "ld_soft_labels" and config.distill.assign == "own" and config.distill.auto.fraction == 0.5
 
 
 def test_a_two_stage_pair_gets_pkd():
