@@ -6,7 +6,8 @@ from pathlib import Path
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED_DATASETS = {"bccd": ASSETS / "bccd"}
 # fp16 weights; BENCHMARKS.md says how each was made and how it scores
-BUNDLED_MODELS = {"bccd_teacher": ASSETS / "models" / "bccd_teacher.pt"}
+BUNDLED_MODELS = {"bccd_teacher": ASSETS / "models" / "bccd_teacher.pt",            # CSP-Darknet-s, anchor head
+                  "bccd_teacher_dfl": ASSETS / "models" / "bccd_teacher_dfl.pt"}    # CSP-Darknet-s, DFL head
 
 
 def resolve_bundled(path: str | Path, table: dict[str, Path], what: str, error: type[Exception] = FileNotFoundError) -> Path:

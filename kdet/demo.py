@@ -1,9 +1,9 @@
 """``kdet demo``: the main job on the bundled BCCD data, start to finish on a CPU.
 
-The bundled teacher (``bundled:bccd_teacher``, CSP-Darknet-s, 7.0M parameters) is distilled into
-a student sixteen times smaller (CSP-Darknet-p, 0.45M) with kdet's default recipe
-(:mod:`kdet.distill.recipe`); a baseline student is trained with the same data, schedule and
-seed and no teacher. The demo ends with the comparison
+The bundled DFL-head teacher (``bundled:bccd_teacher_dfl``, CSP-Darknet-s, 9.1M parameters) is
+distilled into a student of the same head eleven times smaller (CSP-Darknet-p, 0.79M) with kdet's
+default recipe for that pair (:mod:`kdet.distill.recipe`: LD and soft labels with the teacher's
+assignment); a baseline student is trained with the same data, schedule and seed and no teacher. The demo ends with the comparison
 table of ``kdet compare`` and writes the report of ``kdet report`` (``OUT/report/index.html``).
 """
 from __future__ import annotations
@@ -29,10 +29,10 @@ def packaged_config(name: str) -> Path:
 
 def demo_configs(epochs: int | None = None) -> tuple:
     """The baseline config (``demo.yaml``) and the distillation config: the same student, data,
-    schedule and seed, plus the bundled teacher and kdet's default recipe (no terms given)."""
+    schedule and seed, plus the bundled DFL teacher and kdet's default recipe (no terms given)."""
     overrides = [f"train.epochs={epochs}"] if epochs else []
     baseline = load_config(packaged_config("demo"), overrides)
-    distilled = load_config(packaged_config("demo"), overrides, base={"teacher": {"checkpoint": "bundled:bccd_teacher"}},
+    distilled = load_config(packaged_config("demo"), overrides, base={"teacher": {"checkpoint": "bundled:bccd_teacher_dfl"}},
                             schema=DistillConfig)
     return baseline, distilled
 

@@ -1,13 +1,17 @@
-"""What kdet ships: the BCCD copy and the BCCD teacher trained on it."""
+"""What kdet ships: the BCCD copy and the BCCD teachers trained on it."""
+import pytest
+
 from kdet.data import read_dataset
 from kdet.engine.checkpoint import load_detector
 from kdet.engine.evaluate import evaluate_model
 from kdet.bundled import BUNDLED_MODELS
 
 
-def test_bundled_teacher_detects_blood_cells():
-    model, payload = load_detector("bundled:bccd_teacher")
-    assert BUNDLED_MODELS["bccd_teacher"].stat().st_size < 20e6
+@pytest.mark.parametrize("name, head", [("bccd_teacher", "anchor"), ("bccd_teacher_dfl", "dfl")])
+def test_bundled_teacher_detects_blood_cells(name, head):
+    model, payload = load_detector(f"bundled:{name}")
+    assert BUNDLED_MODELS[name].stat().st_size < 20e6
+    assert model.head_kind == head
     assert model.class_names == ["Platelets", "RBC", "WBC"]
     assert sum(p.numel() for p in model.parameters()) >= 4_000_000
     records = read_dataset("bundled:bccd").split("test")[:12]

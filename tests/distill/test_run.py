@@ -165,8 +165,11 @@ def test_demo_pairs_baseline_and_distilled_student():
     assert isinstance(distilled, DistillConfig) and not isinstance(baseline, DistillConfig)
     for key in ("seed", "data", "model", "train", "eval"):
         assert getattr(baseline, key) == getattr(distilled, key), key
-    assert baseline.train.epochs == 3 and distilled.teacher.checkpoint == "bundled:bccd_teacher"
+    assert baseline.train.epochs == 3 and distilled.teacher.checkpoint == "bundled:bccd_teacher_dfl"
     assert not distilled.distill.terms  # kdet distill fills in the default recipe
+    from kdet.distill.recipe import default_recipe, teacher_model_config
+
+    assert default_recipe(teacher_model_config(distilled.teacher), distilled.model).name == "ld_soft_labels"
 
 
 def test_train_on_a_distillation_config_trains_the_baseline(shapes_voc, teacher_checkpoint, tmp_path):
