@@ -125,8 +125,12 @@ def method_name(config: dict) -> str:
             continue
         args = ", ".join(f"{k}={v}" for k, v in sorted((term.get("args") or {}).items()))
         where = f"({term.get('student', 'head')})" if feature else ""
-        names.append(f"{term['loss']}{where}" + (f" [{args}]" if args else "") + f" x{term.get('weight', 1.0):g}")
+        weight = term.get("weight", 1.0)
+        weight = f"x{weight:g}" if isinstance(weight, (int, float)) else f"x {weight}"  # weight: auto
+        names.append(f"{term['loss']}{where}" + (f" [{args}]" if args else "") + f" {weight}")
     text = " + ".join(names) or "labels only"
+    if names and distill.get("assign", "own") != "own":
+        text += f", assign: {distill['assign']}"
     if names and distill.get("schedule", "constant") != "constant":
         text += f", {distill['schedule']} decay to {distill.get('final_ratio', 0.0):g}"
     return text

@@ -73,3 +73,11 @@ def test_runs_with_no_box_at_all_in_the_split_compare_without_a_crash(tmp_path):
     runs = [_run(tmp_path, "base0", 0, metrics), _run(tmp_path, "base1", 1, metrics)]
     rows = comparison_rows(collect_runs(runs))
     assert rows[0]["AP"]["mean"] is None and "undefined" in markdown_table(rows)
+
+
+def test_method_name_of_auto_weights_and_the_teachers_assignment():
+    from kdet.distill.compare import method_name
+
+    config = {"distill": {"assign": "teacher", "terms": [{"loss": "ld", "weight": "auto"},
+                                                         {"loss": "soft_bce", "weight": 0.5, "args": {"beta": 2.0}}]}}
+    assert method_name(config) == "ld x auto + soft_bce [beta=2.0] x0.5, assign: teacher"
