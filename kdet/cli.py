@@ -353,14 +353,11 @@ def _model_from_checkpoint_or_config(path: str, overrides: list[str], num_classe
     from .engine.checkpoint import load_detector
 
     if path.endswith((".yaml", ".yml")) or not (path.startswith("bundled:") or Path(path).exists() or path.endswith(".pt")):
-        from .config import Config, DistillConfig, load_config, read_yaml_config
+        from .config import load_student_config
         from .models import build_model
 
-        path = str(config_path(path))  # a shipped recipe name (bccd_student) or a file
-        loaded = read_yaml_config(Path(path)) if Path(path).is_file() else None
-        distill = isinstance(loaded, dict) and ("teacher" in loaded or "distill" in loaded)
-        # a distillation config is sized by its student (its model section)
-        config = load_config(path, overrides, base={"data": {"path": "unused"}}, schema=DistillConfig if distill else Config)
+        # a shipped recipe name (bccd_student) or a file; a distillation config is sized by its student
+        config, _ = load_student_config(config_path(path), overrides, base={"data": {"path": "unused"}})
         model_config = config.model
         if model_config.anchors == "auto":
             model_config = model_config.model_copy(update={"anchors": "default"})

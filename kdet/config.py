@@ -367,15 +367,15 @@ def load_config(
     return validate_config(raw, source=source, lines=lines, overridden=overridden, schema=schema)
 
 
-def load_student_config(path: str | Path, overrides: list[str] | None = None) -> tuple[Config, bool]:
+def load_student_config(path: str | Path, overrides: list[str] | None = None, *, base: dict | None = None) -> tuple[Config, bool]:
     """A training config from ``path``; from a distillation config, its student alone (the
     teacher and the terms dropped): the baseline with the same data, schedule and seed.
     Returns ``(config, whether teacher/distill keys were dropped)``."""
     loaded = read_yaml_config(Path(path)) if Path(path).is_file() else None
     if isinstance(loaded, dict) and ("teacher" in loaded or "distill" in loaded):
-        config = load_config(path, overrides, schema=DistillConfig)
+        config = load_config(path, overrides, base=base, schema=DistillConfig)
         return Config.model_validate(config.model_dump(exclude={"teacher", "distill"})), True
-    return load_config(path, overrides), False
+    return load_config(path, overrides, base=base), False
 
 
 def validate_config(
