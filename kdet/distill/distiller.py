@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import AutoWeightConfig, ConfigError, DistillConfig, ModelConfig, PseudoLabelConfig, TeacherConfig
+from ..engine.distributed import mean_of_present
 from ..engine.step import Batch, TrainStep
 from ..models import Detector, build_model
 from ..models.backbones import load_weights_file
@@ -376,7 +377,8 @@ class Distiller(TrainStep):
     def term_weight(self, plan: TermPlan, value: Tensor, detection_loss: Tensor) -> float:
         """A term's weight: its configured number, or for ``weight: auto`` the running mean of
         ``fraction * |grad detection loss| / |grad term|`` over the student's parameters during
-        the first ``auto.steps`` steps, then that mean."""
+        the first ``auto.steps`` steps, then that mean; each step's ratio is averaged over the
+        processes of a torchrun run first."""
         if plan.config.weight != "auto":
             return plan.config.weight
         state = self.auto_state[plan.index]
@@ -384,8 +386,12 @@ class Distiller(TrainStep):
             params = [p for p in self.student.parameters() if p.requires_grad]
             detection = _grad_norm(detection_loss, params)
             term = _grad_norm(value, params)
-            if term > 0 and detection > 0:
-                state[0] += self.auto.fraction * detection / term
+            # under torchrun every process measures its own share of the batch: the weight is
+            # the mean over the processes, so that all of them train with the same one
+            ratio = mean_of_present(self.auto.fraction * detection / term if term > 0 and detection > 0 else None,
+                                    value.device)
+            if ratio is not None:
+                state[0] += ratio
                 state[1] += 1
                 if state[1] == self.auto.steps:
                     self.log(f"distill.terms.{plan.index} ({plan.config.loss}): weight auto -> {state[0] / state[1]:.4g} "

@@ -117,6 +117,19 @@ def mean_over_processes(values: list[torch.Tensor]) -> list[torch.Tensor]:
     return list((stacked / world_size()).unbind())
 
 
+def mean_of_present(value: float | None, device: torch.device | None = None) -> float | None:
+    """The mean of ``value`` over the processes that have one (``None`` where a process has
+    none; ``None`` when none has). With one process, ``value`` itself. Every process must call
+    it at the same point: it is one all-reduce."""
+    if world_size() == 1:
+        return value
+    pair = torch.tensor([0.0 if value is None else value, 0.0 if value is None else 1.0], dtype=torch.float64,
+                        device=device)
+    dist.all_reduce(pair)
+    total, count = pair.tolist()
+    return total / count if count else None
+
+
 def wrap(step: nn.Module, device: torch.device, *, sync_bn: bool = False) -> tuple[nn.Module, nn.Module]:
     """``(step, module)``: the step (its BatchNorm layers made ``SyncBatchNorm`` with ``sync_bn``)
     and what the trainer calls on a batch: the step itself with one process, the step wrapped in

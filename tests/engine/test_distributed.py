@@ -65,6 +65,7 @@ def _worker(rank: int, world: int, port: int, jobs: list[dict]) -> None:
         for job in jobs:
             if job["kind"] == "distill":
                 from kdet.distill import cache
+                from kdet.distill.distiller import Distiller
                 from kdet.distill.run import distill
 
                 real_build = cache.TeacherCache.build
@@ -75,8 +76,16 @@ def _worker(rank: int, world: int, port: int, jobs: list[dict]) -> None:
                     return built
 
                 cache.TeacherCache.build = build
+                real_weight, weights = Distiller.term_weight, []
+
+                def term_weight(self, plan, value, detection_loss):  # record the weight each process trains with
+                    weights.append(real_weight(self, plan, value, detection_loss))
+                    return weights[-1]
+
+                Distiller.term_weight = term_weight
                 distill(DistillConfig.model_validate(job["config"]), job["out"], log=quiet, progress=False)
-                cache.TeacherCache.build = real_build
+                cache.TeacherCache.build, Distiller.term_weight = real_build, real_weight
+                Path(job["out"], f"weights-rank{rank}.json").write_text(json.dumps(weights))
             else:
                 train(validate_config(job["config"]), job["out"], resume=job.get("resume", False), log=quiet, progress=False)
     finally:
@@ -104,7 +113,7 @@ def runs(shapes_voc, teacher_checkpoint, tmp_path_factory) -> dict[str, Path]:
     train(validate_config(config), root / "one", log=quiet, progress=False)
     shutil.copytree(root / "one", root / "one_then_two")
     distill_config = {**config, "teacher": {"checkpoint": str(teacher_checkpoint)},
-                      "distill": {"terms": [{"loss": "l2_logits"}], "cache": {"dir": str(root / "teacher_cache")}}}
+                      "distill": {"terms": [{"loss": "l2_logits", "weight": "auto"}], "cache": {"dir": str(root / "teacher_cache")}}}
     run_processes(2, [
         {"kind": "train", "config": config, "out": str(root / "two")},
         {"kind": "train", "config": longer, "out": str(root / "one_then_two"), "resume": True},
@@ -148,6 +157,30 @@ def test_rank_zero_builds_the_teacher_cache_and_every_process_reads_it(runs):
     assert json.loads((run / "built-by-rank1.json").read_text()) == 0
     assert [r["epoch"] for r in epochs(run)] == [1]
     assert "teacher" in json.loads((run / "results.json").read_text())
+
+
+def test_weight_auto_is_the_same_in_every_process(runs):
+    # each process measures the gradient ratio on its own images; the weight is their mean
+    weights = [json.loads((runs["distilled"] / f"weights-rank{rank}.json").read_text()) for rank in range(2)]
+    assert len(weights[0]) == 2 and weights[0][-1] > 0  # two steps (8 images, global batch 4)
+    assert weights[0] == weights[1]
+
+
+def _mean_worker(rank: int, world: int, port: int, cases: list[list], out: str) -> None:
+    from kdet.engine.distributed import mean_of_present
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        Path(out, f"rank{rank}.json").write_text(json.dumps([mean_of_present(case[rank]) for case in cases]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mean_of_present_averages_over_the_processes_that_have_a_value(tmp_path):
+    cases = [[1.0, 3.0], [None, 3.0], [None, None]]
+    mp.start_processes(_mean_worker, args=(2, _free_port(), cases, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    for rank in range(2):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [2.0, 3.0, None]
 
 
 def _cli_worker(rank: int, world: int, port: int, argv: list[str]) -> None:
