@@ -6,9 +6,11 @@
 # seed; built by the first run that needs it; CACHE=0 runs the teacher live instead). Validation
 # every 4 epochs, 1 thread per run. EPOCHS=N sets every run's schedule (give it its own OUT_DIR).
 # Resumable (see queue.sh): finished runs are skipped, interrupted ones resumed.
-#   benchmarks/prove.sh BED OUT_DIR "SEEDS" ARM...       BED: bccd_p | cs_p | bccd_dfl_p
-# (bccd_dfl_p: DFL heads on both sides; its teacher: kdet train bccd_student_dfl --set model.size=s
-#  --set train.threads=1 --out runs/prove_bccd_dfl/teacher)
+#   benchmarks/prove.sh BED OUT_DIR "SEEDS" ARM...  BED: bccd_p | cs_p | bccd_dfl_p | cs_dfl_p
+# (bccd_dfl_p, cs_dfl_p: DFL heads on both sides; their teachers:
+#  kdet train bccd_student_dfl --set model.size=s --set train.threads=1 --out runs/prove_bccd_dfl/teacher
+#  kdet train benchmarks/configs/cs_teacher.yaml --set model.head=dfl --set train.threads=1
+#    --set train.eval_every=4 --out runs/prove_cs_dfl/teacher)
 #   e.g. benchmarks/prove.sh bccd_p runs/prove_bccd "0 1 2" baseline recipe pkd
 # then: python benchmarks/paired.py OUT_DIR baseline ARM...
 set -euo pipefail
@@ -21,7 +23,8 @@ case $BED in
   bccd_p) TRAIN="bccd_student"; DISTILL="bccd_distill"; BED_SET="--set model.size=p" ;;
   bccd_dfl_p) TRAIN="bccd_student_dfl"; DISTILL="benchmarks/configs/bccd_dfl_distill.yaml"; BED_SET="--set model.size=p" ;;
   cs_p) TRAIN="benchmarks/configs/cs_student.yaml"; DISTILL="benchmarks/configs/cs_distill.yaml"; BED_SET="" ;;
-  *) echo "unknown test bed $BED (bccd_p, cs_p, bccd_dfl_p)"; exit 2 ;;
+  cs_dfl_p) TRAIN="benchmarks/configs/cs_dfl_student.yaml"; DISTILL="benchmarks/configs/cs_dfl_distill.yaml"; BED_SET="" ;;
+  *) echo "unknown test bed $BED (bccd_p, cs_p, bccd_dfl_p, cs_dfl_p)"; exit 2 ;;
 esac
 RECIPE="{loss: objectness_scaled, args: {box_weight: 0.05}}"
 declare -A TERMS=(
