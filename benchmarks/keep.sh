@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Copy the record of every finished run under OUT_DIR (results.json, config.yaml, metrics.jsonl and
+# the small JSON files next to them; no checkpoints, no caches) to DEST/<run>/, for committing:
+# benchmarks/paired.py and benchmarks/screen.py read DEST as they read OUT_DIR, so tables can be
+# rebuilt, and later seeds or arms paired with these, on another machine.
+#   benchmarks/keep.sh runs/prove_cs_dfl benchmarks/results/prove_cs_dfl
+set -euo pipefail
+OUT=$1; DEST=$2
+for run in "$OUT"/*/; do
+  run=${run%/}
+  [ -f "$run/results.json" ] || continue
+  mkdir -p "$DEST/$(basename "$run")"
+  for f in "$run"/*.json "$run"/*.jsonl "$run"/config.yaml; do
+    [ -f "$f" ] && cp "$f" "$DEST/$(basename "$run")/"
+  done
+done
+ls "$DEST"
