@@ -123,11 +123,10 @@ def mean_of_present(value: float | None, device: torch.device | None = None) -> 
     it at the same point: it is one all-reduce."""
     if world_size() == 1:
         return value
-    pair = torch.tensor([0.0 if value is None else value, 0.0 if value is None else 1.0], dtype=torch.float64,
-                        device=device)
-    dist.all_reduce(pair)
-    total, count = pair.tolist()
-    return total / count if count else None
+    present = value is not None
+    total, count = mean_over_processes([torch.tensor(value if present else 0.0, device=device),
+                                        torch.tensor(float(present), device=device)])
+    return float(total / count) if count > 0 else None
 
 
 def wrap(step: nn.Module, device: torch.device, *, sync_bn: bool = False) -> tuple[nn.Module, nn.Module]:
