@@ -6,6 +6,7 @@
 #   benchmarks/keep.sh runs/prove_cs_dfl benchmarks/results/prove_cs_dfl
 set -euo pipefail
 OUT=$1; DEST=$2
+[ -d "$OUT" ] || { echo "keep.sh: no run folder $OUT (give the OUT_DIR a benchmark script wrote, e.g. runs/prove_cs_dfl)"; exit 2; }
 for run in "$OUT"/*/; do
   run=${run%/}
   [ -f "$run/results.json" ] || continue
