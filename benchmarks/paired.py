@@ -88,21 +88,31 @@ def epoch_seconds(run: Path) -> float:
 
 def print_times(out: Path, baseline_name: str, arms: list[str]) -> None:
     """Training seconds per epoch of each arm against its baseline of the same seed, split by
-    whether the teacher's outputs came from the teacher cache or from the teacher run live."""
+    whether the teacher's outputs came from the teacher cache or from the teacher run live; for a
+    run that built (part of) the cache, the teacher's passes that building took, per epoch of
+    the schedule, which that run paid before it trained and the runs reading the cache after it
+    did not."""
     base = {seed: epoch_seconds(out / f"{baseline_name}-s{seed}") for seed in load(out, baseline_name)}
     print("\ntraining time per epoch against the baseline of the same seed (both runs shared the machine with one other run)\n")
-    print("| arm | teacher | seeds | s/epoch | baseline s/epoch | ratio |\n|---|---|---|---|---|---|")
-    print(f"| {baseline_name} | - | {','.join(map(str, sorted(base)))} | {statistics.fmean(base.values()):.1f} | - | - |")
+    print("| arm | teacher | seeds | s/epoch | baseline s/epoch | ratio | cache built by this arm, s/epoch |\n"
+          "|---|---|---|---|---|---|---|")
+    print(f"| {baseline_name} | - | {','.join(map(str, sorted(base)))} | {statistics.fmean(base.values()):.1f} | - | - | - |")
     for name in arms:
         groups: dict[str, list[int]] = {}
+        builds: dict[int, float] = {}
         for seed, result in load(out, name).items():
             if seed in base:
-                groups.setdefault("cache" if result.get("teacher_cache") else "live", []).append(seed)
+                cache = result.get("teacher_cache") or {}
+                groups.setdefault("cache" if cache else "live", []).append(seed)
+                if cache.get("built_entries"):
+                    builds[seed] = cache["build_time_s"] / result["epochs"]
         for kind, seeds in sorted(groups.items()):
             arm = [epoch_seconds(out / f"{name}-s{s}") for s in seeds]
             ratio = [a / base[s] for a, s in zip(arm, seeds)]
+            built = [builds[s] for s in seeds if s in builds]
+            built_cell = f"{statistics.fmean(built):.1f} (seeds {','.join(str(s) for s in seeds if s in builds)})" if built else "-"
             print(f"| {name} | {kind} | {','.join(map(str, seeds))} | {statistics.fmean(arm):.1f} | "
-                  f"{statistics.fmean(base[s] for s in seeds):.1f} | {stat(ratio)}x |")
+                  f"{statistics.fmean(base[s] for s in seeds):.1f} | {stat(ratio)}x | {built_cell} |")
 
 
 def val_curve(run: Path) -> dict[int, float]:
