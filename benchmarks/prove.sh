@@ -6,11 +6,15 @@
 # seed; built by the first run that needs it; CACHE=0 runs the teacher live instead). Validation
 # every 4 epochs, 1 thread per run. EPOCHS=N sets every run's schedule (give it its own OUT_DIR).
 # Resumable (see queue.sh): finished runs are skipped, interrupted ones resumed.
-#   benchmarks/prove.sh BED OUT_DIR "SEEDS" ARM...  BED: bccd_p | cs_p | bccd_dfl_p | cs_dfl_p
+#   benchmarks/prove.sh BED OUT_DIR "SEEDS" ARM...  BED: bccd_p | cs_p | bccd_dfl_p | cs_dfl_p | bccd_vit_p
 # (bccd_dfl_p, cs_dfl_p: DFL heads on both sides; their teachers:
 #  kdet train bccd_student_dfl --set model.size=s --set train.threads=1 --out runs/prove_bccd_dfl/teacher
 #  kdet train benchmarks/configs/cs_teacher.yaml --set model.head=dfl --set train.threads=1
-#    --set train.eval_every=4 --out runs/prove_cs_dfl/teacher)
+#    --set train.eval_every=4 --out runs/prove_cs_dfl/teacher
+#  bccd_vit_p: the seed-000 cross-family pair, a ViT-backbone FCOS teacher and the size-p DFL student:
+#  kdet train benchmarks/configs/bccd_vit_teacher.yaml --set train.threads=1 --set train.eval_every=4
+#    --out runs/prove_bccd_vit/teacher)
+# ARM `default` gives no terms: kdet's default recipe for the pair (`kdet check` names it).
 #   e.g. benchmarks/prove.sh bccd_p runs/prove_bccd "0 1 2" baseline recipe pkd
 # then: python benchmarks/paired.py OUT_DIR baseline ARM...
 set -euo pipefail
@@ -24,7 +28,8 @@ case $BED in
   bccd_dfl_p) TRAIN="bccd_student_dfl"; DISTILL="benchmarks/configs/bccd_dfl_distill.yaml"; BED_SET="--set model.size=p" ;;
   cs_p) TRAIN="benchmarks/configs/cs_student.yaml"; DISTILL="benchmarks/configs/cs_distill.yaml"; BED_SET="" ;;
   cs_dfl_p) TRAIN="benchmarks/configs/cs_dfl_student.yaml"; DISTILL="benchmarks/configs/cs_dfl_distill.yaml"; BED_SET="" ;;
-  *) echo "unknown test bed $BED (bccd_p, cs_p, bccd_dfl_p, cs_dfl_p)"; exit 2 ;;
+  bccd_vit_p) TRAIN="bccd_student_dfl"; DISTILL="benchmarks/configs/bccd_vit_distill.yaml"; BED_SET="--set model.size=p" ;;
+  *) echo "unknown test bed $BED (bccd_p, cs_p, bccd_dfl_p, cs_dfl_p, bccd_vit_p)"; exit 2 ;;
 esac
 RECIPE="{loss: objectness_scaled, args: {box_weight: 0.05}}"
 declare -A TERMS=(
@@ -77,10 +82,12 @@ for seed in $SEEDS; do
   for arm in "$@"; do
     if [ "$arm" = baseline ]; then
       jobs+=("$KDET train $TRAIN $COMMON --set seed=$seed --out $OUT/baseline-s$seed")
+    elif [ "$arm" = default ]; then
+      jobs+=("$KDET distill $DISTILL $COMMON --set seed=$seed --set 'distill.terms=[]' $CACHE_ARG --out $OUT/default-s$seed")
     elif [ -n "${TERMS[$arm]:-}" ]; then
       jobs+=("$KDET distill $DISTILL $COMMON --set seed=$seed --set 'distill.terms=${TERMS[$arm]}' ${EXTRA[$arm]:-} $CACHE_ARG --out $OUT/$arm-s$seed")
     else
-      echo "unknown arm $arm (baseline ${!TERMS[*]})"; exit 2
+      echo "unknown arm $arm (baseline default ${!TERMS[*]})"; exit 2
     fi
   done
 done
