@@ -1,6 +1,9 @@
-import pytest
+from pathlib import Path
 
-from kdet.config import ConfigError, load_config
+import pytest
+import yaml
+
+from kdet.config import ConfigError, DistillConfig, load_config, load_student_config
 
 
 def write(tmp_path, text):
@@ -100,3 +103,18 @@ def test_bad_value_from_set_blames_set_not_the_file_line_it_replaced(tmp_path):
         load_config(path, ["distill.terms=[{loss: kl, weight: heavy}]"], schema=DistillConfig)
     message = str(info.value)
     assert "--set distill.terms: distill.terms.0.weight" in message and "line 9" not in message
+
+
+BENCHMARK_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "benchmarks" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", BENCHMARK_CONFIGS, ids=[p.stem for p in BENCHMARK_CONFIGS])
+def test_benchmark_configs_validate_against_the_schema_kdet_reads_them_with(path):
+    """The benchmark scripts' configs stay valid as the schema changes: a distillation config
+    (teacher, distill) as kdet distill reads it, its student alone as kdet train does."""
+    raw = yaml.safe_load(path.read_text())
+    if "teacher" in raw or "distill" in raw:
+        assert isinstance(load_config(path, schema=DistillConfig), DistillConfig)
+    config, _ = load_student_config(path)
+    assert config.model.family in {"yolo", "fcos"}
+    assert config.data.path.startswith(("bundled:", "benchmarks/data/"))
