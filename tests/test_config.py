@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kdet.config import ConfigError, DistillConfig, load_config, load_student_config
+from kdet.config import ChainConfig, ConfigError, DistillConfig, load_config, load_student_config
 
 
 def write(tmp_path, text):
@@ -110,11 +110,18 @@ BENCHMARK_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "benchmarks
 
 @pytest.mark.parametrize("path", BENCHMARK_CONFIGS, ids=[p.stem for p in BENCHMARK_CONFIGS])
 def test_benchmark_configs_validate_against_the_schema_kdet_reads_them_with(path):
-    """The benchmark scripts' configs stay valid as the schema changes: a distillation config
-    (teacher, distill) as kdet distill reads it, its student alone as kdet train does."""
+    """The benchmark scripts' configs stay valid as the schema changes: a chain config as kdet
+    chain reads it, a distillation config (teacher, distill) as kdet distill does and its student
+    alone as kdet train does, a training config as kdet train does."""
     raw = yaml.safe_load(path.read_text())
-    if "teacher" in raw or "distill" in raw:
+    if "chain" in raw:
+        config = load_config(path, schema=ChainConfig)
+    elif "teacher" in raw or "distill" in raw:
         assert isinstance(load_config(path, schema=DistillConfig), DistillConfig)
-    config, _ = load_student_config(path)
+        config, dropped = load_student_config(path)
+        assert dropped
+    else:
+        config, dropped = load_student_config(path)
+        assert not dropped
     assert config.model.family in {"yolo", "fcos"}
     assert config.data.path.startswith(("bundled:", "benchmarks/data/"))
