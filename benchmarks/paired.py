@@ -7,9 +7,9 @@ AP@[.5:.95], AP50, AP75 and VOC mAP@0.5 (mean ± sample sd over seeds), the gain
 baseline of the same seed (mean ± sd, and per seed), and the fraction of the teacher-student gap
 closed on the means; then AP@[.5:.95] per class. `kdet compare` gives the same AP, AP50, VOC,
 ΔAP and gap figures; this adds AP75, AP50 gains, per-seed gains and the per-class table, and
-then the validation AP@[.5:.95] at every validated epoch (metrics.jsonl), mean over seeds, the
-first validated epoch at which each arm reaches its baseline's best validation AP, and last the
-training time per epoch against the baseline's (teacher cached or live).
+then the validation AP@[.5:.95] at every validated epoch (metrics.jsonl), mean over seeds, and
+last the training time per epoch against the baseline's (teacher cached or live). The epoch at
+which each arm reaches its baseline's best validation AP is benchmarks/screen.py's.
 """
 from __future__ import annotations
 
@@ -76,7 +76,6 @@ def main(out: Path, baseline_name: str, arms: list[str]) -> None:
     for cells in per_class:
         print("| " + " | ".join(cells) + " |")
     print_curves(out, [baseline_name, *arms])
-    print_reach(out, baseline_name, arms)
     print_times(out, baseline_name, arms)
 
 
@@ -118,29 +117,6 @@ def print_times(out: Path, baseline_name: str, arms: list[str]) -> None:
 def val_curve(run: Path) -> dict[int, float]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {r["epoch"]: r["val"]["AP"] for r in records if r.get("val")}
-
-
-def first_reach(curve: dict[int, float], target: float) -> int | None:
-    """The first validated epoch whose AP is at least target (None when none is)."""
-    return next((epoch for epoch in sorted(curve) if curve[epoch] >= target), None)
-
-
-def print_reach(out: Path, baseline_name: str, arms: list[str]) -> None:
-    """Per seed, the first validated epoch at which each arm reaches its baseline's best
-    validation AP@[.5:.95], and the baseline's own epoch of that best: the training that
-    distillation saves, at the resolution of the validation interval."""
-    base = {seed: val_curve(out / f"{baseline_name}-s{seed}") for seed in load(out, baseline_name)}
-    print("\nfirst validated epoch at the baseline's best validation AP@[.5:.95] (same seed; - = never)\n")
-    print("| arm | seed | baseline best val AP | baseline reaches it at | arm reaches it at | epochs saved |\n|---|---|---|---|---|---|")
-    for name in arms:
-        for seed in sorted(load(out, name)):
-            if seed not in base or not base[seed]:
-                continue
-            target = max(base[seed].values())
-            own = first_reach(base[seed], target)
-            reach = first_reach(val_curve(out / f"{name}-s{seed}"), target)
-            saved = f"{own - reach}" if reach is not None else "-"
-            print(f"| {name} | {seed} | {target:.3f} | {own} | {reach if reach is not None else '-'} | {saved} |")
 
 
 def print_curves(out: Path, names: list[str]) -> None:
