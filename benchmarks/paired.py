@@ -108,8 +108,8 @@ def print_times(out: Path, baseline_name: str, arms: list[str]) -> None:
         for kind, seeds in sorted(groups.items()):
             arm = [epoch_seconds(out / f"{name}-s{s}") for s in seeds]
             ratio = [a / base[s] for a, s in zip(arm, seeds)]
-            built = [builds[s] for s in seeds if s in builds]
-            built_cell = f"{statistics.fmean(built):.1f} (seeds {','.join(str(s) for s in seeds if s in builds)})" if built else "-"
+            built = [s for s in seeds if s in builds]
+            built_cell = f"{statistics.fmean(builds[s] for s in built):.1f} (seeds {','.join(map(str, built))})" if built else "-"
             print(f"| {name} | {kind} | {','.join(map(str, seeds))} | {statistics.fmean(arm):.1f} | "
                   f"{statistics.fmean(base[s] for s in seeds):.1f} | {stat(ratio)}x | {built_cell} |")
 

@@ -33,6 +33,7 @@ case $BED in
 esac
 RECIPE="{loss: objectness_scaled, args: {box_weight: 0.05}}"
 declare -A TERMS=(
+  [default]="[]"
   [recipe]="[$RECIPE]"
   [pkd]="[{loss: pkd, student: neck, weight: auto}]"
   [cwd]="[{loss: cwd, student: neck, weight: auto}]"
@@ -82,12 +83,10 @@ for seed in $SEEDS; do
   for arm in "$@"; do
     if [ "$arm" = baseline ]; then
       jobs+=("$KDET train $TRAIN $COMMON --set seed=$seed --out $OUT/baseline-s$seed")
-    elif [ "$arm" = default ]; then
-      jobs+=("$KDET distill $DISTILL $COMMON --set seed=$seed --set 'distill.terms=[]' $CACHE_ARG --out $OUT/default-s$seed")
     elif [ -n "${TERMS[$arm]:-}" ]; then
       jobs+=("$KDET distill $DISTILL $COMMON --set seed=$seed --set 'distill.terms=${TERMS[$arm]}' ${EXTRA[$arm]:-} $CACHE_ARG --out $OUT/$arm-s$seed")
     else
-      echo "unknown arm $arm (baseline default ${!TERMS[*]})"; exit 2
+      echo "unknown arm $arm (baseline ${!TERMS[*]})"; exit 2
     fi
   done
 done
