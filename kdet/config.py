@@ -511,9 +511,20 @@ def _merge(base: dict, update: dict) -> dict:
 
 
 def _set_path(raw: dict, parts: tuple, value: Any) -> None:
-    node = raw
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[parts[-1]] = value
+    """Set ``raw[parts[0]][parts[1]]...`` to ``value``; a number indexes a list the config already
+    has (``distill.terms.0.weight``), other missing levels are made mappings."""
+    node: Any = raw
+    for depth, part in enumerate(parts):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {'.'.join(parts)}: {'.'.join(parts[:depth])} is a list of {len(node)} item(s); "
+                                  f"index it with 0 to {len(node) - 1}, or give the whole list (--set {'.'.join(parts[:depth])}=[...])")
+            key: Any = int(part)
+        else:
+            key = part
+        if depth == len(parts) - 1:
+            node[key] = value
+        else:
+            if not isinstance(node[key] if isinstance(node, list) else node.get(key), (dict, list)):
+                node[key] = {}
+            node = node[key]

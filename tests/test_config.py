@@ -125,3 +125,16 @@ def test_benchmark_configs_validate_against_the_schema_kdet_reads_them_with(path
         assert not dropped
     assert config.model.family in {"yolo", "fcos"}
     assert config.data.path.startswith(("bundled:", "benchmarks/data/"))
+
+
+def test_set_indexes_a_list_the_config_has(tmp_path):
+    path = write(tmp_path, "data: {path: d}\nteacher: {checkpoint: t.pt}\ndistill:\n  terms:\n    - {loss: kl}\n    - {loss: fitnet}\n")
+    config = load_config(path, ["distill.terms.1.weight=2.5"], schema=DistillConfig)
+    assert [(t.loss, t.weight) for t in config.distill.terms] == [("kl", 1.0), ("fitnet", 2.5)]
+    for bad in ("distill.terms.2.weight=1", "distill.terms.first.weight=1"):
+        with pytest.raises(ConfigError) as info:
+            load_config(path, [bad], schema=DistillConfig)
+        assert f"--set {bad.split('=')[0]}: distill.terms is a list of 2 item(s); index it with 0 to 1" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["distill.terms.1.weight=heavy"], schema=DistillConfig)
+    assert "--set distill.terms.1.weight: distill.terms.1.weight" in str(info.value) and "line" not in str(info.value)
