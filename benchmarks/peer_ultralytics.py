@@ -25,6 +25,12 @@ Run from the repository root::
     python benchmarks/peer_ultralytics.py --dataset benchmarks/data/construction-safety-500-s0 \\
         --out runs/peer_cs --seeds 0 --epochs 30 --teacher-epochs 40 --imgsz 320 --batch 16 --threads 1
 
+On two cores the runs can be split between two processes sharing ``--out``: the command above in
+one (it trains the teacher first), ``--only baseline`` with the same settings in the other (the
+baselines need no teacher), later ``--only distilled --seeds ...`` once the teacher has finished.
+Start the second process after the first has written ``data/`` (both would export it). A run
+``--only`` writes no summary; the full command, run last, scores nothing twice and writes it.
+
 ``--dataset`` is ``bccd`` (kdet's bundled copy) or any dataset kdet reads (a folder or a YOLO
 data.yaml, COCO, VOC); its splits are kdet's (the dataset's own, or kdet's seeded 80/10/10 split
 with seed 0 when it has none). ``--fraction F`` trains on a fraction of the training split (smoke
@@ -465,6 +471,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dis", type=float, default=6.0, help="Ultralytics' distillation loss weight (default 6.0)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--fraction", type=float, default=1.0, help="fraction of the training split (smoke tests; default 1.0)")
+    parser.add_argument("--only", choices=("baseline", "distilled"),
+                        help="train and score only these students (a second process can train the baselines while "
+                             "the first trains the teacher; `distilled` needs the teacher's run finished); "
+                             "no summary is written")
     return parser.parse_args(argv)
 
 
@@ -479,15 +489,25 @@ def main(argv: list[str] | None = None) -> int:
     data_info = json.loads((data_yaml.parent / "export.json").read_text())
 
     teacher_run = Run("teacher", "teacher", TEACHER_YAML, 0, args.teacher_epochs)
-    teacher_best = train_run(teacher_run, data_yaml, out, args)
-    teacher = score_run(teacher_run, teacher_best, source, out, env)
+    teacher_best = out / teacher_run.name / "weights" / "best.pt"
+    if args.only == "distilled" and not (out / teacher_run.name / "train.json").exists():
+        raise SystemExit(f"--only distilled: the teacher's run {out / teacher_run.name} has not finished; "
+                         "run the script without --only first (it trains the teacher)")
+    if args.only is None:
+        teacher_best = train_run(teacher_run, data_yaml, out, args)
+        teacher = score_run(teacher_run, teacher_best, source, out, env)
     baselines: dict[int, dict] = {}
     distilled: dict[int, dict] = {}
     for seed in args.seeds:
         for run, table in ((Run(f"baseline-s{seed}", "baseline", STUDENT_YAML, seed, args.epochs), baselines),
                            (Run(f"distill-s{seed}", "distilled", STUDENT_YAML, seed, args.epochs, teacher_best), distilled)):
+            if args.only is not None and run.role != args.only:
+                continue
             best = train_run(run, data_yaml, out, args)
             table[seed] = score_run(run, best, source, out, env)
+    if args.only is not None:
+        print(f"--only {args.only}: {len(args.seeds)} run(s) done; run without --only for the summary")
+        return 0
 
     summary = summarize(teacher, baselines, distilled, args, env, data_info)
     (out / "summary.md").write_text(summary + "\n", encoding="utf-8")
