@@ -15,8 +15,9 @@ One pass runs the network's layers, so kdet reads:
   one-to-one branch, as in Ultralytics;
 * losses: Ultralytics' own (``v8DetectionLoss``, or ``E2ELoss`` for end-to-end heads), with its
   gains (box 7.5, cls 0.5, dfl 1.5), computed on the same maps;
-* detections: Ultralytics' decoding and NMS (``non_max_suppression``; the one-to-one branch's
-  top-k for end-to-end heads).
+* detections: the branch Ultralytics' own inference uses (the Detect head's ``end2end``
+  setting: the one-to-one branch's top-k, or the one-to-many branch and Ultralytics' NMS,
+  ``non_max_suppression``), its boxes decoded here as xyxy whatever that setting.
 
 Input normalisation is the model's own: images in ``[0, 1]``, no mean/std.
 
@@ -266,9 +267,20 @@ class UltralyticsDetector(Detector):
             output.losses = self._loss({"one2many": preds, "one2one": one} if one is not None else preds, targets, images)
             output.loss = sum(output.losses.values())
         if decode:
-            output.detections = self._decode(one if one is not None else preds, tuple(images.shape[-2:]), score_thresh,
+            one2one = self.one_to_one_inference
+            if one2one and one is None:
+                one = self._preds(self._branch(feats, detect.one2one_cv2, detect.one2one_cv3), feats)
+            output.detections = self._decode(one if one2one else preds, one2one, tuple(images.shape[-2:]), score_thresh,
                                              nms_iou, max_det)
         return output
+
+    @property
+    def one_to_one_inference(self) -> bool:
+        """Whether detections come from the one-to-one branch (top-k, no NMS) or from the
+        one-to-many branch with NMS: as the Detect head's own ``end2end`` setting says, so that
+        kdet's detections are the ones ``YOLO(...).predict`` and ``.val`` give with their default
+        settings for the installed Ultralytics version (whose default has changed between versions)."""
+        return self.end2end and bool(getattr(self.net.model[-1], "end2end", False))
 
     def criterion(self):
         """Ultralytics' loss for this network (built on the network's device, once per device)."""
@@ -321,9 +333,16 @@ class UltralyticsDetector(Detector):
         names = ("box", "cls", "dfl" if self.reg_max > 1 else "l1")
         return dict(zip(names, loss.unbind()))
 
-    def _raw_predictions(self, preds: dict) -> Tensor:
-        """``[N, 4 + C, K]``: Ultralytics' decoded boxes (xywh; xyxy for end-to-end heads) and class probabilities."""
-        return self.net.model[-1]._inference(preds)
+    def _boxes_and_scores(self, preds: dict) -> tuple[Tensor, Tensor]:
+        """One branch's boxes ``[N, K, 4]`` (xyxy input pixels) and class probabilities ``[N, K, C]``,
+        decoded here rather than by the Detect head, whose box format depends on its ``end2end``
+        and ``xyxy`` settings."""
+        from ultralytics.utils.tal import dist2bbox, make_anchors
+
+        detect = self.net.model[-1]
+        anchors, strides = (a.transpose(0, 1) for a in make_anchors(preds["feats"], detect.stride, 0.5))
+        boxes = dist2bbox(detect.dfl(preds["boxes"]), anchors.unsqueeze(0), xywh=False, dim=1) * strides
+        return boxes.transpose(1, 2), preds["scores"].sigmoid().transpose(1, 2)
 
     def boxes_and_scores(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Boxes ``[N, K, 4]`` xyxy input pixels (clipped) and class probabilities ``[N, K, C]`` of
@@ -331,23 +350,24 @@ class UltralyticsDetector(Detector):
         y = self._layers(self.normalize(images))
         detect = self.net.model[-1]
         feats = [y[j] for j in detect.f]
-        heads = (detect.one2one_cv2, detect.one2one_cv3) if self.end2end else (detect.cv2, detect.cv3)
-        raw = self._raw_predictions(self._preds(self._branch(feats, *heads), feats)).transpose(1, 2)
-        boxes, scores = raw[..., :4], raw[..., 4:]
-        if not self.end2end:
-            boxes = torch.cat([boxes[..., :2] - boxes[..., 2:] / 2, boxes[..., :2] + boxes[..., 2:] / 2], -1)
+        heads = (detect.one2one_cv2, detect.one2one_cv3) if self.one_to_one_inference else (detect.cv2, detect.cv3)
+        boxes, scores = self._boxes_and_scores(self._preds(self._branch(feats, *heads), feats))
         return clip_boxes_to_image(boxes, tuple(images.shape[-2:])), scores
 
-    def _decode(self, preds: dict, image_size: tuple[int, int], score_thresh: float, nms_iou: float, max_det: int) -> list[Detections]:
+    def _decode(self, preds: dict, one2one: bool, image_size: tuple[int, int], score_thresh: float, nms_iou: float,
+                max_det: int) -> list[Detections]:
         from ultralytics.utils.nms import non_max_suppression
 
         detect = self.net.model[-1]
-        raw = self._raw_predictions(preds)
-        if self.end2end:
+        boxes, scores = self._boxes_and_scores(preds)
+        if one2one:  # the one-to-one branch's top-k: [N, max_det, 6] (xyxy, score, class), no NMS
             detect.max_det = max_det
-            raw = detect.postprocess(raw.permute(0, 2, 1))  # [N, max_det, 6]: xyxy, score, class
+            raw = detect.postprocess(torch.cat([boxes, scores], -1))
+        else:  # Ultralytics' NMS reads [N, 4 + C, K] with xywh boxes
+            xywh = torch.cat([(boxes[..., :2] + boxes[..., 2:]) / 2, boxes[..., 2:] - boxes[..., :2]], -1)
+            raw = torch.cat([xywh, scores], -1).transpose(1, 2)
         kept = non_max_suppression(raw, score_thresh, nms_iou, multi_label=True, max_det=max_det, nc=self.num_classes,
-                                   end2end=self.end2end)
+                                   end2end=one2one)
         return [Detections(clip_boxes_to_image(k[:, :4].float(), image_size), k[:, 4].float(), k[:, 5].long()) for k in kept]
 
 

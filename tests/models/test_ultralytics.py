@@ -80,6 +80,31 @@ def test_maps_losses_and_detections_are_ultralytics_own(config):
     assert torch.equal(model.pixel_mean.flatten(), torch.zeros(3)) and torch.equal(model.pixel_std.flatten(), torch.ones(3))
 
 
+@pytest.mark.parametrize("config,one2one", [("yolo11n.yaml", False), ("yolo26n.yaml", False), ("yolo26n.yaml", True)])
+def test_detections_are_those_of_ultralytics_own_inference(config, one2one):
+    """kdet's detections are Ultralytics' own (its eval forward, then its NMS, or the one-to-one
+    branch's top-k when the head is set end-to-end), boxes xyxy in input pixels."""
+    from ultralytics.utils.nms import non_max_suppression
+
+    model = build(config).eval()
+    with torch.no_grad():  # sharper scores than a fresh head's, so that the ranking is well defined
+        for conv in model.net.model[-1].cv3 + getattr(model.net.model[-1], "one2one_cv3", []):
+            conv[-1].bias += torch.linspace(-2, 2, conv[-1].bias.numel())
+    if one2one:
+        model.net.end2end = True
+    assert model.one_to_one_inference == one2one
+    images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(images, decode=True, score_thresh=0.01, nms_iou=0.6, max_det=50).detections
+        theirs, _ = model.net(images)
+    theirs = non_max_suppression(theirs, 0.01, 0.6, multi_label=True, max_det=50, nc=len(CLASSES), end2end=one2one)
+    for mine, their in zip(ours, theirs):
+        assert len(mine.boxes) == len(their) > 0
+        assert torch.allclose(mine.boxes, their[:, :4].clamp(0, SIZE), atol=1e-3)
+        assert torch.allclose(mine.scores, their[:, 4], atol=1e-5) and torch.equal(mine.labels, their[:, 5].long())
+        assert bool((mine.boxes[:, 2:] >= mine.boxes[:, :2]).all())  # xyxy, whatever the head's own format
+
+
 def test_exports_to_onnx_matching_pytorch(tmp_path):
     model = build("yolo26n.yaml").eval()
     images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
