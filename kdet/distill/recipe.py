@@ -8,7 +8,7 @@
   LAD). On BCCD (BENCHMARKS.md, "DFL heads and localization distillation") it was ahead of its
   paired baseline on 4 of 5 seeds of the test split (and of ``objectness_scaled`` on 4 of the same
   5) and closed 48% of the teacher-student gap on the means; on construction-safety it was ahead
-  of both on each of 4 seeds and closed 49%.
+  of both on each of 5 seeds and closed 48%.
 * Other one-stage pairs (anchor heads, FCOS, across families): ``objectness_scaled`` (Mehta &
   Ozay 2018) with its box part weighted like the student's own box loss (0.05): the student's
   head learns where the teacher sees objects, their classes and boxes, compared as probabilities
@@ -71,7 +71,7 @@ def default_recipe(teacher: ModelConfig, student: ModelConfig) -> Recipe:
             "both heads are DFL heads with box distributions: localization distillation (ld) and the teacher's class "
             "probabilities as soft labels (soft_bce), each weighted to half the detection loss's gradient, the student's "
             "positives taken from the teacher's predictions (distill.assign: teacher), as PP-YOLOE+ distils; it was ahead "
-            "of its paired baseline on 4 of 5 seeds on BCCD and on 4 of 4 on construction-safety (BENCHMARKS.md): measure "
+            "of its paired baseline on 4 of 5 seeds on BCCD and on 5 of 5 on construction-safety (BENCHMARKS.md): measure "
             "it against your own baseline",
             {"auto": {"fraction": 0.5}, "assign": "teacher"},
         )
