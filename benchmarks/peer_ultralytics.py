@@ -391,6 +391,20 @@ def gap_closed(distilled: float, baseline: float, teacher: float | None) -> str:
     return f"{(distilled - baseline) / (teacher - baseline):.0%}"
 
 
+def ultralytics_val_ap(folder: Path) -> float | None:
+    """Ultralytics' own validation mAP@[.5:.95] of the run's best epoch (its ``results.csv``; its
+    fitness, which picks ``best.pt``, is that mAP), on kdet's validation split."""
+    import csv
+
+    path = folder / "results.csv"
+    if not path.is_file():
+        return None
+    with path.open(newline="") as handle:
+        rows = [{key.strip(): value for key, value in row.items()} for row in csv.DictReader(handle)]
+    values = [float(row["metrics/mAP50-95(B)"]) for row in rows if row.get("metrics/mAP50-95(B)")]
+    return max(values) if values else None
+
+
 def summarize(teacher: dict, baselines: dict[int, dict], distilled: dict[int, dict], args: argparse.Namespace,
               env: dict[str, Any], data_info: dict[str, Any]) -> str:
     seeds = sorted(set(baselines) & set(distilled))
@@ -401,11 +415,16 @@ def summarize(teacher: dict, baselines: dict[int, dict], distilled: dict[int, di
         values = [r["epoch_seconds_mean"] for r in results if r["epoch_seconds_mean"] is not None]
         return f"{statistics.fmean(values):.1f}" if values else "-"
 
+    def own_val(results: list[dict]) -> str:
+        values = [ultralytics_val_ap(Path(args.out) / r["run"]) for r in results]
+        return stat([v for v in values if v is not None])
+
     rows.append([f"teacher {TEACHER_YAML}", "0", f"{teacher['AP']:.3f}", f"{teacher['AP50']:.3f}",
-                 f"{teacher['AP75']:.3f}", "-", "-", "-", "-", "-", seconds([teacher])])
+                 f"{teacher['AP75']:.3f}", own_val([teacher]), "-", "-", "-", "-", "-", seconds([teacher])])
     for label, runs in ((f"baseline {STUDENT_YAML}", baselines), (f"distilled {STUDENT_YAML} (dis {args.dis:g})", distilled)):
         cells = [label, ",".join(str(s) for s in sorted(runs))]
         cells += [stat([runs[s][k] for s in sorted(runs)]) for k in ("AP", "AP50", "AP75")]
+        cells.append(own_val([runs[s] for s in sorted(runs)]))
         if runs is distilled and seeds:
             gains = {k: [distilled[s][k] - baselines[s][k] for s in seeds] for k in ("AP", "AP50", "AP75")}
             cells += [stat(gains[k], signed=True) for k in ("AP", "AP50", "AP75")]
@@ -416,8 +435,8 @@ def summarize(teacher: dict, baselines: dict[int, dict], distilled: dict[int, di
             cells += ["-"] * 5
         cells.append(seconds(list(runs.values())))
         rows.append(cells)
-    header = ["model", "seeds", "AP@[.5:.95]", "AP50", "AP75", "ΔAP", "ΔAP50", "ΔAP75", "ΔAP per seed",
-              "gap closed", "s/epoch"]
+    header = ["model", "seeds", "AP@[.5:.95]", "AP50", "AP75", "Ultralytics' val mAP", "ΔAP", "ΔAP50", "ΔAP75",
+              "ΔAP per seed", "gap closed", "s/epoch"]
     lines = [
         "# Ultralytics' native distillation, scored by kdet on kdet's test split",
         "",
@@ -433,7 +452,9 @@ def summarize(teacher: dict, baselines: dict[int, dict], distilled: dict[int, di
         "|" + "---|" * len(header),
         *("| " + " | ".join(cells) + " |" for cells in rows),
         "",
-        "mean ± sample sd over seeds; ΔAP: distilled minus the baseline of the same seed; gap closed = "
+        "mean ± sample sd over seeds; AP@[.5:.95], AP50, AP75: kdet's evaluator on the test split; Ultralytics' val "
+        "mAP: its own validator's mAP@[.5:.95] of the best epoch on kdet's validation split (what picked best.pt); "
+        "ΔAP: distilled minus the baseline of the same seed; gap closed = "
         "(distilled - baseline) / (teacher - baseline) on the means over paired seeds; s/epoch: wall time of an "
         "epoch (training, validation, checkpoint), mean over epochs and seeds.",
         "",
