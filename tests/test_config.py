@@ -123,7 +123,7 @@ def test_benchmark_configs_validate_against_the_schema_kdet_reads_them_with(path
     else:
         config, dropped = load_student_config(path)
         assert not dropped
-    assert config.model.family in {"yolo", "fcos"}
+    assert config.model.family in {"yolo", "fcos", "ultralytics"}
     assert config.data.path.startswith(("bundled:", "benchmarks/data/"))
 
 
