@@ -361,7 +361,12 @@ def train(
     head = f", {model_config.head} head" if model_config.family == "yolo" else ""
     processes = f", {world} processes x {config.train.batch_size // world} images per step" if world > 1 else ""
     precision = f", {config.train.amp} mixed precision" if amp_dtype is not None else ""
-    log(f"model: {model_config.family}/{model_config.backbone}-{model_config.size}{head}, {params / 1e6:.2f}M parameters; "
+    if model_config.family == "ultralytics":  # built from its yaml or checkpoint: backbone and size do not apply
+        source = model_config.config if isinstance(model_config.config, str) else model_config.weights
+        name = f"ultralytics/{Path(source).name}" if source else "ultralytics (yaml given inline)"
+    else:
+        name = f"{model_config.family}/{model_config.backbone}-{model_config.size}{head}"
+    log(f"model: {name}, {params / 1e6:.2f}M parameters; "
         f"{len(train_set)} train / {len(val_records)} val images at {size}px on {device}{processes}{precision}")
     eval_kwargs = eval_settings(config)
 
