@@ -43,7 +43,6 @@ def test_one_epoch_distillation_end_to_end(shapes_voc, teacher_checkpoint, tmp_p
     assert main(["distill", str(config), "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["epochs"] == 1
-    assert 0 <= results["metrics"]["coco"]["AP"] <= 1
     assert results["teacher"]["checkpoint"] == str(teacher_checkpoint)
     assert results["teacher"]["profile"]["params"] > results["profile"]["params"]  # t teacher, p student
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
