@@ -275,7 +275,7 @@ class DistillSettings(Strict):
                                    "labels alone (unset: every epoch)")
     assign: Literal["own", "teacher"] = Field(
         "own", description="whose predictions the student's own loss assigns its targets from: its own, or the teacher's "
-                           "(PP-YOLOE+ / LAD distillation; a dfl student and a teacher with one anchor per location)"
+                           "(PP-YOLOE+ / LAD distillation; a dfl or ultralytics student and a teacher with one anchor per location)"
     )
     auto: AutoWeightConfig = Field(AutoWeightConfig(), description="how terms with weight: auto get their weight")
     cache: TeacherCacheConfig = Field(TeacherCacheConfig(), description="teacher outputs computed once per augmented view "

@@ -324,9 +324,9 @@ def _pair_assignment(report: PairingReport) -> None:
     with one anchor per location and boxes as edge distances."""
     teacher, student = report.teacher, report.student
     if any(level.box_format != "ltrb_center" for level in student.levels):
-        report.errors.append("distill.assign: teacher needs a student whose assignment reads predictions (model.head: dfl, "
-                             f"task-aligned); this student's head assigns by anchor shape ({student.levels[0].box_format} boxes). "
-                             "Set model.head: dfl or leave distill.assign: own")
+        report.errors.append("distill.assign: teacher needs a student whose task-aligned assignment reads predictions "
+                             f"(model.head: dfl, or the ultralytics family); this student's head assigns by anchor shape "
+                             f"({student.levels[0].box_format} boxes). Set model.head: dfl or leave distill.assign: own")
         return
     by_stride = {level.stride: level for level in teacher.levels}
     for level in student.levels:

@@ -247,8 +247,6 @@ class UltralyticsDetector(Detector):
                 nms_iou: float = 0.6, max_det: int = 300, assign_from: list[HeadLevel] | None = None) -> DetectorOutput:
         """Features, head maps (one-to-many branch), Ultralytics' losses with ``targets`` and its
         detections with ``decode``; see the module docstring."""
-        if assign_from is not None:
-            raise ValueError("assign_from is for kdet's own dfl head; the Ultralytics family assigns with its own loss")
         y = self._layers(self.normalize(images))
         detect = self.net.model[-1]
         feats = [y[j] for j in detect.f]
@@ -264,7 +262,8 @@ class UltralyticsDetector(Detector):
             detached = [x.detach() for x in feats] if self.training else feats  # as Ultralytics: one-to-one stays off the features
             one = self._preds(self._branch(detached, detect.one2one_cv2, detect.one2one_cv3), detached)
         if targets is not None:
-            output.losses = self._loss({"one2many": preds, "one2one": one} if one is not None else preds, targets, images)
+            output.losses = self._loss({"one2many": preds, "one2one": one} if one is not None else preds, targets, images,
+                                       assign_from=None if assign_from is None else (output.head, assign_from))
             output.loss = sum(output.losses.values())
         if decode:
             one2one = self.one_to_one_inference
@@ -325,10 +324,32 @@ class UltralyticsDetector(Detector):
         sizes = [h * w for h, w in (level.grid_size for level in head)]
         return [part.view(n, 1, *level.grid_size) for part, level in zip(owner.split(sizes, 1), head)]
 
-    def _loss(self, preds: dict, targets: Targets, images: Tensor) -> dict[str, Tensor]:
+    def _loss(self, preds: dict, targets: Targets, images: Tensor,
+              assign_from: tuple[list[HeadLevel], list[HeadLevel]] | None = None) -> dict[str, Tensor]:
+        """Ultralytics' loss of ``preds``; with ``assign_from`` (this model's head levels and
+        another model's at the same strides and grids, with the same classes) the one-to-many
+        branch's task-aligned assignment reads the other model's class scores and boxes instead
+        of this model's (``distill.assign: teacher``); the losses stay this model's. An end-to-end
+        head's one-to-one branch keeps its own assignment: its one positive per object is what
+        lets it skip NMS, and it has to find that itself."""
         batch = self._batch(targets, images.shape[-2], images.shape[-1], images.device)
         criterion = self.criterion()
-        loss, _ = criterion(preds, batch)
+        if assign_from is None:
+            loss, _ = criterion(preds, batch)
+        else:
+            from ..losses.dfl import check_assign_from, flatten_levels
+
+            own, other = assign_from
+            check_assign_from(own, other)
+            with torch.no_grad():
+                flat = flatten_levels(other)  # locations in the order of Ultralytics' anchor points
+            many = getattr(criterion, "one2many", criterion)
+            original = many.assigner
+            many.assigner = _ReadsOtherPredictions(original, flat.scores.detach(), flat.boxes.detach())
+            try:
+                loss, _ = criterion(preds, batch)
+            finally:
+                many.assigner = original
         loss = loss / len(images)  # Ultralytics scales by the batch size; kdet's losses are per image
         names = ("box", "cls", "dfl" if self.reg_max > 1 else "l1")
         return dict(zip(names, loss.unbind()))
@@ -369,6 +390,22 @@ class UltralyticsDetector(Detector):
         kept = non_max_suppression(raw, score_thresh, nms_iou, multi_label=True, max_det=max_det, nc=self.num_classes,
                                    end2end=one2one)
         return [Detections(clip_boxes_to_image(k[:, :4].float(), image_size), k[:, 4].float(), k[:, 5].long()) for k in kept]
+
+
+class _ReadsOtherPredictions:
+    """Ultralytics' ``TaskAlignedAssigner`` called with given class probabilities ``[N, K, C]``
+    and xyxy boxes ``[N, K, 4]`` (input pixels) in place of the trained model's."""
+
+    def __init__(self, assigner: Any, scores: Tensor, boxes: Tensor) -> None:
+        self.assigner, self.scores, self.boxes = assigner, scores, boxes
+
+    def __call__(self, pd_scores: Tensor, pd_bboxes: Tensor, *args: Any, **kwargs: Any):
+        if self.scores.shape != pd_scores.shape:
+            raise ValueError(f"assign_from: {tuple(self.scores.shape)} class scores for a head of {tuple(pd_scores.shape)}")
+        return self.assigner(self.scores.to(pd_scores.dtype), self.boxes.to(pd_bboxes.dtype), *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.assigner, name)
 
 
 def build_network(config: ModelConfig, num_classes: int) -> nn.Module:

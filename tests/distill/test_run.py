@@ -305,7 +305,7 @@ def test_student_assigns_from_the_teacher(shapes_voc, dfl_teacher_checkpoint, te
     path = write_yaml(tmp_path / "anchor.yaml", anchor)
     capsys.readouterr()
     assert main(["check", str(path)]) == 1
-    assert "distill.assign: teacher needs a student whose assignment reads predictions" in capsys.readouterr().out
+    assert "distill.assign: teacher needs a student whose task-aligned assignment reads predictions" in capsys.readouterr().out
 
 
 def test_a_config_without_terms_gets_the_default_recipe(shapes_voc, teacher_checkpoint, dfl_teacher_checkpoint, tmp_path, capsys):

@@ -116,6 +116,54 @@ def terms(*names):
     return DistillSettings(terms=[TermConfig(loss=name, **({"student": "neck"} if name == "pkd" else {})) for name in names])
 
 
+class Spy:
+    """Records the class probabilities and boxes an assigner is called with."""
+
+    def __init__(self, assigner):
+        self.assigner, self.calls = assigner, []
+
+    def __call__(self, pd_scores, pd_bboxes, *args, **kwargs):
+        self.calls.append((pd_scores.detach().clone(), pd_bboxes.detach().clone()))
+        return self.assigner(pd_scores, pd_bboxes, *args, **kwargs)
+
+
+def spied(model):
+    criterion = model.criterion()
+    many = getattr(criterion, "one2many", criterion)
+    many.assigner = Spy(many.assigner)
+    return many.assigner
+
+
+@pytest.mark.parametrize("config", ["yolo11n.yaml", "yolo26n.yaml"])
+def test_the_assignment_can_read_a_teachers_predictions(config):
+    """distill.assign: teacher for an Ultralytics student: its one-to-many assignment reads the
+    teacher's class probabilities and boxes, exactly those Ultralytics' own loss gives the
+    teacher's assigner; the losses stay the student's."""
+    images, targets = batch()
+    student, teacher = build(config).train(), build(config).train()
+    torch.manual_seed(1)
+    for p in teacher.parameters():  # another model: same architecture, other weights
+        p.data.add_(0.05 * torch.randn_like(p))
+    own = student(images, targets)
+    assert torch.allclose(student(images, targets, assign_from=own.head).loss, own.loss, rtol=1e-4)  # its own: unchanged
+    teacher_spy = spied(teacher)
+    taught = teacher(images, targets)
+    student_spy = spied(student)
+    distilled = student(images, targets, assign_from=taught.head)
+    (scores, boxes), = teacher_spy.calls
+    (read_scores, read_boxes), = student_spy.calls[:1]
+    assert torch.allclose(read_scores, scores, atol=1e-5) and torch.allclose(read_boxes, boxes, atol=1e-3)
+    assert not torch.allclose(distilled.loss, own.loss)
+    criterion = student.criterion()
+    assert getattr(criterion, "one2many", criterion).assigner is student_spy  # put back after the call
+    distilled.loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    settings = terms("soft_bce").model_copy(update={"assign": "teacher"})
+    report = pair(teacher.describe((SIZE, SIZE)), student.describe((SIZE, SIZE)), settings)
+    assert report.ok and any("distill.assign: teacher" in note for note in report.notes)
+
+
 def test_cross_family_pairs_pair_like_any_other():
     from kdet.distill.distiller import Distiller
     from kdet.engine.step import Batch
