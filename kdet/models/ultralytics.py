@@ -427,6 +427,23 @@ def build_network(config: ModelConfig, num_classes: int) -> nn.Module:
     return DetectionModel(source, ch=3, nc=num_classes, verbose=False)
 
 
+def box_bins(config: ModelConfig) -> int:
+    """The number of bins of the Detect head's box edge distributions (``reg_max``) of the
+    network ``config`` describes: 16 for YOLOv8 and YOLO11, 1 (no distributions) for YOLO26."""
+    import_ultralytics()
+    from ultralytics.nn.tasks import yaml_model_load
+
+    source = config.config
+    if source is None:
+        source = resolve_config(config).config
+    if isinstance(source, str):
+        try:
+            source = yaml_model_load(source)
+        except FileNotFoundError as error:
+            raise ValueError(f"model.config: {error}") from None
+    return int(source.get("reg_max", 16))
+
+
 @MODELS.register("ultralytics")
 def build_ultralytics(config: ModelConfig, class_names: list[str], input_size: int) -> UltralyticsDetector:
     """An Ultralytics detect model from ``model.config`` (or the architecture of the checkpoint in

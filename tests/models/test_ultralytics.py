@@ -256,3 +256,22 @@ def test_core_never_imports_ultralytics_and_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "ultralytics", None)
     with pytest.raises(ValueError, match=r"pip install 'kdet\[ultralytics\]'"):
         build()
+
+
+def test_default_recipe_for_ultralytics_pairs(tmp_path):
+    """Two Ultralytics models get soft labels with the teacher's assignment, plus ld where both
+    heads have box distributions of the same bins; the teacher may be an Ultralytics checkpoint."""
+    from kdet.distill.recipe import default_recipe
+
+    def model(config):
+        return ModelConfig(family="ultralytics", config=config)
+
+    yolo26 = default_recipe(model("yolo26s.yaml"), model("yolo26n.yaml"))
+    assert yolo26.name == "soft_labels_assign" and [t["loss"] for t in yolo26.terms] == ["soft_bce"]
+    assert yolo26.settings == {"auto": {"fraction": 0.5}, "assign": "teacher"}
+    yolo11 = default_recipe(model("yolo11s.yaml"), model("yolo11n.yaml"))
+    assert yolo11.name == "ld_soft_labels" and [t["loss"] for t in yolo11.terms] == ["ld", "soft_bce"]
+    assert default_recipe(model("yolo11s.yaml"), model("yolo26n.yaml")).name == "soft_labels_assign"  # ld needs both
+    checkpoint = save_ultralytics_checkpoint(build("yolov8n.yaml"), tmp_path / "teacher.pt", SIZE)
+    assert default_recipe(ModelConfig(family="ultralytics", weights=str(checkpoint)), model("yolov8n.yaml")).name == "ld_soft_labels"
+    assert default_recipe(ModelConfig(family="yolo", head="dfl"), model("yolo11n.yaml")).name == "objectness_scaled"
