@@ -58,6 +58,11 @@ def teacher_model_config(teacher: TeacherConfig) -> ModelConfig:
         raise ConfigError(f"teacher.checkpoint: {error}") from None
 
 
+def _ld_soft_labels(why: str) -> Recipe:
+    return Recipe("ld_soft_labels", [{"loss": "ld", "weight": "auto"}, {"loss": "soft_bce", "weight": "auto"}], why,
+                  {"auto": {"fraction": 0.5}, "assign": "teacher"})
+
+
 def default_recipe(teacher: ModelConfig, student: ModelConfig) -> Recipe:
     """The recipe for a ``teacher`` and a ``student`` of these architectures."""
     two_stage = [model.family for model in (teacher, student) if model.family == "faster_rcnn"]
@@ -69,21 +74,18 @@ def default_recipe(teacher: ModelConfig, student: ModelConfig) -> Recipe:
             "correlation) on the neck levels of equal stride, weighted so its gradient matches the detection loss's",
             {"auto": {"fraction": 1.0}},
         )
+    ld_soft_labels = "localization distillation (ld) and the teacher's class probabilities as soft labels (soft_bce), "\
+        "each weighted to half the detection loss's gradient, the student's positives taken from the teacher's " \
+        "predictions (distill.assign: teacher)"
     if all(model.family == "ultralytics" for model in (teacher, student)):
         from ..models.ultralytics import box_bins
 
         bins = {box_bins(model) for model in (teacher, student)}
         if len(bins) == 1 and bins != {1}:
-            return Recipe(
-                "ld_soft_labels",
-                [{"loss": "ld", "weight": "auto"}, {"loss": "soft_bce", "weight": "auto"}],
-                "both Ultralytics heads have box distributions of the same bins: localization distillation (ld) and the "
-                "teacher's class probabilities as soft labels (soft_bce), each weighted to half the detection loss's "
-                "gradient, the student's positives taken from the teacher's predictions (distill.assign: teacher), the "
-                "recipe of kdet's own DFL pairs (ahead of their baselines on 9 of 10 seeds, BENCHMARKS.md): measure it "
-                "against your own baseline",
-                {"auto": {"fraction": 0.5}, "assign": "teacher"},
-            )
+            return _ld_soft_labels(
+                f"both Ultralytics heads have box distributions of the same bins: {ld_soft_labels}, the recipe of kdet's "
+                "own DFL pairs (ahead of their baselines on 9 of 10 seeds, BENCHMARKS.md): measure it against your own "
+                "baseline")
         return Recipe(
             "soft_labels_assign",
             [{"loss": "soft_bce", "weight": "auto"}],
@@ -95,16 +97,10 @@ def default_recipe(teacher: ModelConfig, student: ModelConfig) -> Recipe:
             {"auto": {"fraction": 0.5}, "assign": "teacher"},
         )
     if all(model.family == "yolo" and model.head == "dfl" for model in (teacher, student)):
-        return Recipe(
-            "ld_soft_labels",
-            [{"loss": "ld", "weight": "auto"}, {"loss": "soft_bce", "weight": "auto"}],
-            "both heads are DFL heads with box distributions: localization distillation (ld) and the teacher's class "
-            "probabilities as soft labels (soft_bce), each weighted to half the detection loss's gradient, the student's "
-            "positives taken from the teacher's predictions (distill.assign: teacher), as PP-YOLOE+ distils; it was ahead "
-            "of its paired baseline on 4 of 5 seeds on BCCD and on 5 of 5 on construction-safety (BENCHMARKS.md): measure "
-            "it against your own baseline",
-            {"auto": {"fraction": 0.5}, "assign": "teacher"},
-        )
+        return _ld_soft_labels(
+            f"both heads are DFL heads with box distributions: {ld_soft_labels}, as PP-YOLOE+ distils; it was ahead of its "
+            "paired baseline on 4 of 5 seeds on BCCD and on 5 of 5 on construction-safety (BENCHMARKS.md): measure it "
+            "against your own baseline")
     pair = ("same family" if teacher.family == student.family else
             f"{teacher.family} teacher, {student.family} student: scores and boxes compared in a form both heads share")
     return Recipe(
