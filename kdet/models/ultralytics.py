@@ -408,9 +408,11 @@ class _ReadsOtherPredictions:
         return getattr(self.assigner, name)
 
 
-def build_network(config: ModelConfig, num_classes: int) -> nn.Module:
+def architecture(config: ModelConfig) -> dict:
+    """A copy of the network description (Ultralytics' yaml as a dict) that ``model.config``
+    names, or that of the checkpoint in ``model.weights``."""
     import_ultralytics()
-    from ultralytics.nn.tasks import DetectionModel, yaml_model_load
+    from ultralytics.nn.tasks import yaml_model_load
 
     source = config.config
     if source is None:
@@ -419,10 +421,16 @@ def build_network(config: ModelConfig, num_classes: int) -> nn.Module:
                              "yolo26n.yaml, or a path) or model.weights (an Ultralytics checkpoint)")
         source = dict(network_of(read_ultralytics_checkpoint(config.weights)).yaml)
     try:
-        source = copy.deepcopy(source) if isinstance(source, dict) else yaml_model_load(source)
+        return copy.deepcopy(source) if isinstance(source, dict) else yaml_model_load(source)
     except FileNotFoundError as error:
         raise ValueError(f"model.config: {error}; give a yaml Ultralytics ships (yolov8n.yaml, yolo11s.yaml, yolo26m.yaml "
                          f"...) or the path of one") from None
+
+
+def build_network(config: ModelConfig, num_classes: int) -> nn.Module:
+    source = architecture(config)  # imports Ultralytics, or says how to install it
+    from ultralytics.nn.tasks import DetectionModel
+
     source["nc"] = num_classes
     return DetectionModel(source, ch=3, nc=num_classes, verbose=False)
 
@@ -430,18 +438,7 @@ def build_network(config: ModelConfig, num_classes: int) -> nn.Module:
 def box_bins(config: ModelConfig) -> int:
     """The number of bins of the Detect head's box edge distributions (``reg_max``) of the
     network ``config`` describes: 16 for YOLOv8 and YOLO11, 1 (no distributions) for YOLO26."""
-    import_ultralytics()
-    from ultralytics.nn.tasks import yaml_model_load
-
-    source = config.config
-    if source is None:
-        source = resolve_config(config).config
-    if isinstance(source, str):
-        try:
-            source = yaml_model_load(source)
-        except FileNotFoundError as error:
-            raise ValueError(f"model.config: {error}") from None
-    return int(source.get("reg_max", 16))
+    return int(architecture(config).get("reg_max", 16))
 
 
 @MODELS.register("ultralytics")
