@@ -17,6 +17,8 @@
 #  bccd_u26: the Ultralytics pair, YOLO26s teacher -> YOLO26n student, both Ultralytics models; the
 #  teacher is the one benchmarks/peer_ultralytics.py trains, runs/peer_bccd/teacher/weights/best.pt)
 # ARM `default` gives no terms: kdet's default recipe for the pair (`kdet check` names it).
+# ARM `self_ema`: the same, with the student's own moving average as its teacher (teacher: {self: ema},
+# no teacher cache: that teacher changes every step).
 #   e.g. benchmarks/prove.sh bccd_p runs/prove_bccd "0 1 2" baseline recipe pkd
 # then: python benchmarks/paired.py OUT_DIR baseline ARM...
 set -euo pipefail
@@ -37,6 +39,7 @@ esac
 RECIPE="{loss: objectness_scaled, args: {box_weight: 0.05}}"
 declare -A TERMS=(
   [default]="[]"
+  [self_ema]="[]"
   [recipe]="[$RECIPE]"
   [pkd]="[{loss: pkd, student: neck, weight: auto}]"
   [cwd]="[{loss: cwd, student: neck, weight: auto}]"
@@ -78,6 +81,7 @@ declare -A EXTRA=(
   [os_auto1]="--set distill.auto.fraction=1.0"
   [os_auto05]="--set distill.auto.fraction=0.5"
   [os_auto03]="--set distill.auto.fraction=0.3"
+  [self_ema]="--set 'teacher={self: ema}'"
 )
 COMMON="--set train.threads=1 --set train.eval_every=4 $BED_SET"
 # EPOCHS=N: every run (baseline and arms) on an N-epoch schedule instead of the bed's
@@ -89,7 +93,8 @@ for seed in $SEEDS; do
     if [ "$arm" = baseline ]; then
       jobs+=("$KDET train $TRAIN $COMMON --set seed=$seed --out $OUT/baseline-s$seed")
     elif [ -n "${TERMS[$arm]:-}" ]; then
-      jobs+=("$KDET distill $DISTILL $COMMON --set seed=$seed --set 'distill.terms=${TERMS[$arm]}' ${EXTRA[$arm]:-} $CACHE_ARG --out $OUT/$arm-s$seed")
+      cache=$CACHE_ARG; [ "$arm" = self_ema ] && cache=""
+      jobs+=("$KDET distill $DISTILL $COMMON --set seed=$seed --set 'distill.terms=${TERMS[$arm]}' ${EXTRA[$arm]:-} $cache --out $OUT/$arm-s$seed")
     else
       echo "unknown arm $arm (baseline ${!TERMS[*]})"; exit 2
     fi
