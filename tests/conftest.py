@@ -118,3 +118,47 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def two_box_batch(size: int = 64):
+    """Two images of size 64 or more, one bright box each (classes 0 and 1)."""
+    import torch
+
+    images = torch.full((2, 3, size, size), 0.1)
+    images[0, :, 8:40, 12:44] = 0.9
+    images[1, :, 20:36, 4:60] = 0.9
+    targets = [{"boxes": torch.tensor([[12.0, 8.0, 44.0, 40.0]]), "labels": torch.tensor([0])},
+               {"boxes": torch.tensor([[4.0, 20.0, 60.0, 36.0]]), "labels": torch.tensor([1])}]
+    return images, targets
+
+
+FEATURE_LOSSES = ("pkd", "score_l2", "cwd", "mgd", "fgd", "relation", "fitnet")
+
+
+def kd_terms(*names, **fields):
+    """Distillation settings with these losses (feature losses on the neck), default weights."""
+    from kdet.config import DistillSettings, TermConfig
+
+    return DistillSettings(terms=[TermConfig(loss=name, **({"student": "neck"} if name in FEATURE_LOSSES else {}),
+                                             **fields) for name in names])
+
+
+def distil_one_step(teacher, student, settings, size: int = 64) -> dict:
+    """Pair ``teacher`` and ``student`` (it must pair), take one distillation step on
+    :func:`two_box_batch` and check that the student, and never the frozen teacher, gets
+    gradients; the step's losses."""
+    import torch
+
+    from kdet.distill.distiller import Distiller
+    from kdet.distill.pairing import pair
+    from kdet.engine.step import Batch
+
+    report = pair(teacher.describe((size, size)), student.describe((size, size)), settings)
+    assert report.ok, report.errors
+    step = Distiller(student, teacher.eval(), report).train()
+    loss, losses = step(Batch.of(*two_box_batch(size)))
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    return losses

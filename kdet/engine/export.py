@@ -22,6 +22,7 @@ the score threshold and all levels together no more than 2000.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import json
@@ -113,6 +114,19 @@ class ExportWrapper(nn.Module):
             return self.model.boxes_and_scores(images)
         head = self.model(images).head
         return decode_levels(self.model.family, head, (self.input_size, self.input_size))
+
+
+def for_export(model: Detector, input_size: int) -> Detector:
+    """``model`` as it is traced at ``input_size``: where a part of it specialises on a fixed
+    input size (``fix_input_size``: a timm transformer's position embeddings), a copy that
+    does, with the same outputs at that size; else ``model`` itself."""
+    if not any(hasattr(module, "fix_input_size") for module in model.modules()):
+        return model
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if hasattr(module, "fix_input_size"):
+            module.fix_input_size(input_size)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,7 +333,7 @@ def export_onnx(
         raise ValueError(f"{out} is a folder; give the ONNX file to write, e.g. {out / 'model.onnx'}")
     out.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
-    wrapper = ExportWrapper(model, input_size).eval()
+    wrapper = ExportWrapper(for_export(model, input_size), input_size).eval()
     parameter = next(model.parameters())
     # a dynamic batch is traced at batch 2 so nothing specialises on a batch of 1
     generator = torch.Generator().manual_seed(0)

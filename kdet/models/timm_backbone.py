@@ -150,6 +150,15 @@ class TimmBackbone(Backbone):
                 raise ValueError(f"{key}: at data.input_size {input_size} its stage {name} is {got[0]}x{got[1]}, not the "
                                  f"{expected}x{expected} of stride {stride}; use an input size that is a multiple of 32")
 
+    def fix_input_size(self, input_size: int) -> None:
+        """Specialise on one input size, for tracing (ONNX export): a transformer that resamples
+        its position embeddings at every forward (``dynamic_img_size``, an antialiased bicubic
+        interpolation ONNX has no operator for) has them resampled once, here, to the grid of
+        ``input_size``; its outputs at that size are unchanged. The position embeddings change
+        shape, so this is done on a copy of the model (:func:`kdet.engine.export.for_export`)."""
+        if getattr(self.network, "dynamic_img_size", False) and hasattr(self.network, "set_input_size"):
+            self.network.set_input_size(img_size=(input_size, input_size))
+
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         maps = self.network.forward_intermediates(x, indices=self.indices, intermediates_only=True)
         if self.pyramid is not None:

@@ -17,6 +17,8 @@ from kdet.config import ModelConfig  # noqa: E402
 from kdet.engine.checkpoint import load_detector, model_payload, save_atomic  # noqa: E402
 from kdet.models import build_model  # noqa: E402
 from kdet.models.timm_backbone import TimmBackbone  # noqa: E402
+from kdet.engine.export import export_onnx  # noqa: E402
+from conftest import distil_one_step, kd_terms  # noqa: E402
 
 CLASSES = ["bar", "square"]
 VIT = {"backbone": "timm:vit_tiny_patch16_224", "backbone_args": {"depth": 1, "embed_dim": 32, "num_heads": 2}}
@@ -57,6 +59,28 @@ def test_plain_vit_goes_through_the_simple_feature_pyramid_with_its_own_normalis
     assert torch.allclose(model.pixel_mean.flatten(), torch.full((3,), 0.5))
     hierarchical = build(spec=CONVNEXT)
     assert not hierarchical.backbone.plain and hierarchical.backbone.channels == [16, 32, 64]
+
+
+CNN = {"backbone": "cspdarknet"}
+
+
+@pytest.mark.parametrize(("teacher", "student", "losses"), [
+    (("fcos", VIT, {}), ("yolo", CNN, {}), ("objectness_scaled", "pkd")),  # seed 000's direction
+    (("yolo", CNN, {"head": "dfl"}), ("yolo", VIT, {"head": "dfl"}), ("ld", "soft_bce", "pkd")),
+    (("yolo", CONVNEXT, {}), ("fcos", VIT, {}), ("objectness_scaled", "cwd")),
+], ids=["vit-teacher", "vit-student", "convnext-teacher-vit-student"])
+def test_timm_backbones_distil_as_teacher_and_as_student(teacher, student, losses):
+    (t_family, t_spec, t_fields), (s_family, s_spec, s_fields) = teacher, student
+    terms = distil_one_step(build(t_family, t_spec, **t_fields), build(s_family, s_spec, **s_fields), kd_terms(*losses))
+    assert {f"kd{i}_{name}" for i, name in enumerate(losses)} <= set(terms)
+
+
+@pytest.mark.parametrize(("family", "spec"), [("yolo", VIT), ("fcos", CONVNEXT)], ids=["yolo-vit", "fcos-convnext"])
+def test_timm_backbone_models_export_to_onnx_matching_pytorch(family, spec, tmp_path):
+    model = build(family, spec).eval()
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    report = export_onnx(model, 64, tmp_path / "model.onnx", dynamic_batch=True, verify_with=images)
+    assert report.max_box_diff <= 1e-2 and report.max_score_diff <= 1e-4
 
 
 def network_file(tmp_path, spec, **changes):

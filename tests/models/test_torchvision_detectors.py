@@ -7,13 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdet.config import DistillSettings, ModelConfig, TermConfig
-from kdet.distill.distiller import Distiller
+from kdet.config import ModelConfig
 from kdet.distill.pairing import ltrb_in_strides, pair
 from kdet.engine.export import ExportWrapper, export_onnx
-from kdet.engine.step import Batch
 from kdet.models import build_model
 from kdet.models.torchvision_detectors import anchors_at_strides, decode_deltas
+from conftest import distil_one_step, kd_terms as terms, two_box_batch as batch
 
 CLASSES = ["cell", "platelet"]
 SIZE = 64
@@ -23,15 +22,6 @@ def build(family: str, backbone: str = "cspdarknet", size: int = SIZE, **fields)
     torch.manual_seed(0)
     return build_model(ModelConfig(family=family, backbone=backbone, size="p", anchors="default", fpn_channels=64, **fields),
                        CLASSES, size)
-
-
-def batch(size: int = SIZE):
-    images = torch.full((2, 3, size, size), 0.1)
-    images[0, :, 8:40, 12:44] = 0.9
-    images[1, :, 20:36, 4:60] = 0.9
-    targets = [{"boxes": torch.tensor([[12.0, 8.0, 44.0, 40.0]]), "labels": torch.tensor([0])},
-               {"boxes": torch.tensor([[4.0, 20.0, 60.0, 36.0]]), "labels": torch.tensor([1])}]
-    return images, targets
 
 
 def test_retinanet_losses_and_detections_equal_torchvision_forward():
@@ -83,23 +73,6 @@ def test_faster_rcnn_losses_detections_and_class_mapping():
     assert len(labels) and labels.min() >= 0 and labels.max() < len(CLASSES)  # torchvision's background class mapped away
     spec = model.describe((SIZE, SIZE))
     assert spec.two_stage and [level.stride for level in spec.levels] == [8, 16, 32, 64]
-
-
-def terms(*names, **fields):
-    return DistillSettings(terms=[TermConfig(loss=name, **({"student": "neck"} if name in ("pkd", "score_l2") else {}),
-                                             **fields) for name in names])
-
-
-def distil_one_step(teacher, student, settings):
-    report = pair(teacher.describe((SIZE, SIZE)), student.describe((SIZE, SIZE)), settings)
-    assert report.ok, report.errors
-    step = Distiller(student, teacher.eval(), report).train()
-    loss, losses = step(Batch.of(*batch()))
-    assert torch.isfinite(loss)
-    loss.backward()
-    assert all(p.grad is None for p in teacher.parameters())
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
-    return losses
 
 
 def test_two_stage_teacher_feeds_features_and_rpn_objectness_and_refuses_response_terms():
