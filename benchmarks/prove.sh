@@ -17,8 +17,9 @@
 #  bccd_u26: the Ultralytics pair, YOLO26s teacher -> YOLO26n student, both Ultralytics models; the
 #  teacher is the one benchmarks/peer_ultralytics.py trains, runs/peer_bccd/teacher/weights/best.pt)
 # ARM `default` gives no terms: kdet's default recipe for the pair (`kdet check` names it).
-# ARM `self_ema`: the same, with the student's own moving average as its teacher (teacher: {self: ema},
-# no teacher cache: that teacher changes every step).
+# ARM `self_ema`: the student's own moving average as its teacher (teacher: {self: ema}, no teacher
+# cache: that teacher changes every step), with kdet's default recipe for self distillation of a DFL
+# student (ld and soft_bce at weight 1.0, the student's own assignment).
 #   e.g. benchmarks/prove.sh bccd_p runs/prove_bccd "0 1 2" baseline recipe pkd
 # then: python benchmarks/paired.py OUT_DIR baseline ARM...
 set -euo pipefail
@@ -39,7 +40,7 @@ esac
 RECIPE="{loss: objectness_scaled, args: {box_weight: 0.05}}"
 declare -A TERMS=(
   [default]="[]"
-  [self_ema]="[]"
+  [self_ema]="[{loss: ld, weight: 1.0}, {loss: soft_bce, weight: 1.0}]"
   [recipe]="[$RECIPE]"
   [pkd]="[{loss: pkd, student: neck, weight: auto}]"
   [cwd]="[{loss: cwd, student: neck, weight: auto}]"

@@ -38,6 +38,12 @@ def check_strategies(config: DistillConfig) -> None:
         raise ConfigError(f"{special[0][0]}: the student's own EMA (self: ema) is a teacher on its own; remove the other teachers")
     if special and not config.train.ema:
         raise ConfigError("teacher: {self: ema} reads the student's exponential moving average; set train.ema: true")
+    auto = [f"distill.terms.{i} ({term.loss})" for i, term in enumerate(config.distill.terms) if term.weight == "auto"]
+    if special and auto:
+        raise ConfigError(f"{', '.join(auto)}: weight: auto is measured over the first distill.auto.steps steps, when the "
+                          "student's moving average (teacher: {self: ema}) is still the student itself: the terms and their "
+                          "gradients are near zero then, so the measured weight is huge and training diverges once the two "
+                          "drift apart. Give the weight as a number (the default recipe for self distillation uses 1.0)")
     if special and config.distill.cache.dir:
         raise ConfigError("teacher: {self: ema} changes with every step, so its outputs cannot be cached; remove "
                           "--teacher-cache / distill.cache.dir")

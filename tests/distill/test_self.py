@@ -89,6 +89,7 @@ def test_mean_teacher_run_resumes_exactly_and_has_no_teacher_row(shapes_voc, tmp
     ({"distill": {"cache": {"dir": "somewhere"}}}, "cannot be cached"),
     ({"teacher": {"self": "ema", "checkpoint": "x.pt"}}, "teacher.self: ema makes the student's own moving average"),
     ({"teacher": [{"self": "ema"}, {"checkpoint": "x.pt"}]}, "a teacher on its own"),
+    ({"distill": {"terms": [{"loss": "kl", "weight": "auto"}]}}, r"distill.terms.0 \(kl\): weight: auto is measured .* still the student"),
 ])
 def test_what_a_mean_teacher_cannot_do_is_refused(shapes_voc, tmp_path, change, message):
     config = self_config(shapes_voc)
@@ -96,3 +97,17 @@ def test_what_a_mean_teacher_cannot_do_is_refused(shapes_voc, tmp_path, change, 
         config[key] = {**config[key], **value} if isinstance(value, dict) and key != "teacher" else value
     with pytest.raises(ConfigError, match=message):
         distill(validate_config(config, schema=DistillConfig), tmp_path / "run", log=quiet, progress=False)
+
+
+def test_default_recipe_for_self_distillation_has_fixed_weights_and_own_assignment(shapes_voc):
+    from kdet.distill.recipe import default_recipe, with_default_recipe
+
+    config = self_config(shapes_voc)
+    config["model"] = {**config["model"], "head": "dfl"}
+    config["distill"] = {"terms": []}
+    filled, recipe = with_default_recipe(validate_config(config, schema=DistillConfig), log=quiet)
+    pair_recipe = default_recipe(filled.model, filled.model)
+    assert pair_recipe.name == "ld_soft_labels" and all(term["weight"] == "auto" for term in pair_recipe.terms)
+    assert recipe.name == "ld_soft_labels_self" and "at weight 1.0" in recipe.why
+    assert [(t.loss, t.weight) for t in filled.distill.terms] == [("ld", 1.0), ("soft_bce", 1.0)]
+    assert filled.distill.assign == "own"
