@@ -18,8 +18,8 @@
 #  teacher is the one benchmarks/peer_ultralytics.py trains, runs/peer_bccd/teacher/weights/best.pt)
 # ARM `default` gives no terms: kdet's default recipe for the pair (`kdet check` names it).
 # ARM `self_ema`: the student's own moving average as its teacher (teacher: {self: ema}, no teacher
-# cache: that teacher changes every step), with kdet's default recipe for self distillation of a DFL
-# student (ld and soft_bce at weight 1.0, the student's own assignment).
+# cache: that teacher changes every step), the terms of the DFL pairs' recipe, ld and soft_bce, at
+# weight 1.0 (weight: auto is refused with such a teacher), the student's own assignment.
 #   e.g. benchmarks/prove.sh bccd_p runs/prove_bccd "0 1 2" baseline recipe pkd
 # then: python benchmarks/paired.py OUT_DIR baseline ARM...
 set -euo pipefail

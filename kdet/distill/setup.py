@@ -43,7 +43,7 @@ def check_strategies(config: DistillConfig) -> None:
         raise ConfigError(f"{', '.join(auto)}: weight: auto is measured over the first distill.auto.steps steps, when the "
                           "student's moving average (teacher: {self: ema}) is still the student itself: the terms and their "
                           "gradients are near zero then, so the measured weight is huge and training diverges once the two "
-                          "drift apart. Give the weight as a number (the default recipe for self distillation uses 1.0)")
+                          "drift apart. Give the weight as a number")
     if special and config.distill.cache.dir:
         raise ConfigError("teacher: {self: ema} changes with every step, so its outputs cannot be cached; remove "
                           "--teacher-cache / distill.cache.dir")

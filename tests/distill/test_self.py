@@ -99,15 +99,10 @@ def test_what_a_mean_teacher_cannot_do_is_refused(shapes_voc, tmp_path, change, 
         distill(validate_config(config, schema=DistillConfig), tmp_path / "run", log=quiet, progress=False)
 
 
-def test_default_recipe_for_self_distillation_has_fixed_weights_and_own_assignment(shapes_voc):
-    from kdet.distill.recipe import default_recipe, with_default_recipe
+def test_self_distillation_without_terms_is_refused_with_what_was_measured(shapes_voc):
+    from kdet.distill.recipe import with_default_recipe
 
     config = self_config(shapes_voc)
-    config["model"] = {**config["model"], "head": "dfl"}
     config["distill"] = {"terms": []}
-    filled, recipe = with_default_recipe(validate_config(config, schema=DistillConfig), log=quiet)
-    pair_recipe = default_recipe(filled.model, filled.model)
-    assert pair_recipe.name == "ld_soft_labels" and all(term["weight"] == "auto" for term in pair_recipe.terms)
-    assert recipe.name == "ld_soft_labels_self" and "at weight 1.0" in recipe.why
-    assert [(t.loss, t.weight) for t in filled.distill.terms] == [("ld", 1.0), ("soft_bce", 1.0)]
-    assert filled.distill.assign == "own"
+    with pytest.raises(ConfigError, match=r"no default recipe for self distillation .* diverge .* Give the terms"):
+        with_default_recipe(validate_config(config, schema=DistillConfig), log=quiet)
