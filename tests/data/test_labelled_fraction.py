@@ -39,6 +39,7 @@ def distill_dict(data: Path, **data_keys) -> dict:
     config = tiny_config_dict(data, epochs=1)
     config["data"].update(data_keys)
     config["teacher"] = {"self": "ema"}
+    config["distill"] = {"terms": [{"loss": "kl", "weight": 1.0, "args": {"mode": "sigmoid"}}]}
     return config
 
 
