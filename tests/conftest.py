@@ -132,15 +132,15 @@ def two_box_batch(size: int = 64):
     return images, targets
 
 
-FEATURE_LOSSES = ("pkd", "score_l2", "cwd", "mgd", "fgd", "relation", "fitnet")
-
-
 def kd_terms(*names, **fields):
     """Distillation settings with these losses (feature losses on the neck), default weights."""
     from kdet.config import DistillSettings, TermConfig
+    from kdet.distill.losses import DISTILL_LOSSES
 
-    return DistillSettings(terms=[TermConfig(loss=name, **({"student": "neck"} if name in FEATURE_LOSSES else {}),
-                                             **fields) for name in names])
+    def on_neck(name: str) -> dict:
+        return {"student": "neck"} if DISTILL_LOSSES.get(name).kind == "feature" else {}
+
+    return DistillSettings(terms=[TermConfig(loss=name, **on_neck(name), **fields) for name in names])
 
 
 def distil_one_step(teacher, student, settings, size: int = 64) -> dict:

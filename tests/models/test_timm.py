@@ -15,9 +15,9 @@ timm = pytest.importorskip("timm")
 from kdet.cli import main  # noqa: E402
 from kdet.config import ModelConfig  # noqa: E402
 from kdet.engine.checkpoint import load_detector, model_payload, save_atomic  # noqa: E402
+from kdet.engine.export import export_onnx  # noqa: E402
 from kdet.models import build_model  # noqa: E402
 from kdet.models.timm_backbone import TimmBackbone  # noqa: E402
-from kdet.engine.export import export_onnx  # noqa: E402
 from conftest import distil_one_step, kd_terms  # noqa: E402
 
 CLASSES = ["bar", "square"]
