@@ -19,7 +19,11 @@
 # ARM `default` gives no terms: kdet's default recipe for the pair (`kdet check` names it).
 # ARM `self_ema`: the student's own moving average as its teacher (teacher: {self: ema}, no teacher
 # cache: that teacher changes every step), the terms of the DFL pairs' recipe, ld and soft_bce, at
-# weight 1.0 (weight: auto is refused with such a teacher), the student's own assignment.
+# weight 1.0 (weight: auto is refused with such a teacher), the student's own assignment;
+# `self_bce` and `self_ld` the same with one of the two terms.
+# ARM `born_again`: the bed's own baseline of the same seed (OUT_DIR/baseline-sSEED/best.pt, run
+# it first) teaches a fresh copy of itself with kdet's default recipe for the pair, the teacher
+# live (a born-again generation, as `kdet chain` with `chain: [{}, {}]` runs it).
 #   e.g. benchmarks/prove.sh bccd_p runs/prove_bccd "0 1 2" baseline recipe pkd
 # then: python benchmarks/paired.py OUT_DIR baseline ARM...
 set -euo pipefail
@@ -41,6 +45,9 @@ RECIPE="{loss: objectness_scaled, args: {box_weight: 0.05}}"
 declare -A TERMS=(
   [default]="[]"
   [self_ema]="[{loss: ld, weight: 1.0}, {loss: soft_bce, weight: 1.0}]"
+  [self_bce]="[{loss: soft_bce, weight: 1.0}]"
+  [self_ld]="[{loss: ld, weight: 1.0}]"
+  [born_again]="[]"
   [recipe]="[$RECIPE]"
   [pkd]="[{loss: pkd, student: neck, weight: auto}]"
   [cwd]="[{loss: cwd, student: neck, weight: auto}]"
@@ -83,6 +90,8 @@ declare -A EXTRA=(
   [os_auto05]="--set distill.auto.fraction=0.5"
   [os_auto03]="--set distill.auto.fraction=0.3"
   [self_ema]="--set 'teacher={self: ema}'"
+  [self_bce]="--set 'teacher={self: ema}'"
+  [self_ld]="--set 'teacher={self: ema}'"
 )
 COMMON="--set train.threads=1 --set train.eval_every=4 $BED_SET"
 # EPOCHS=N: every run (baseline and arms) on an N-epoch schedule instead of the bed's
@@ -94,8 +103,10 @@ for seed in $SEEDS; do
     if [ "$arm" = baseline ]; then
       jobs+=("$KDET train $TRAIN $COMMON --set seed=$seed --out $OUT/baseline-s$seed")
     elif [ -n "${TERMS[$arm]:-}" ]; then
-      cache=$CACHE_ARG; [ "$arm" = self_ema ] && cache=""
-      jobs+=("$KDET distill $DISTILL $COMMON --set seed=$seed --set 'distill.terms=${TERMS[$arm]}' ${EXTRA[$arm]:-} $cache --out $OUT/$arm-s$seed")
+      cache=$CACHE_ARG; extra=${EXTRA[$arm]:-}
+      case $arm in self_*) cache="" ;; esac
+      [ "$arm" = born_again ] && { cache=""; extra="--set teacher.checkpoint=$OUT/baseline-s$seed/best.pt"; }
+      jobs+=("$KDET distill $DISTILL $COMMON --set seed=$seed --set 'distill.terms=${TERMS[$arm]}' $extra $cache --out $OUT/$arm-s$seed")
     else
       echo "unknown arm $arm (baseline ${!TERMS[*]})"; exit 2
     fi
