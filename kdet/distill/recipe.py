@@ -61,8 +61,9 @@ def teacher_model_config(teacher: TeacherConfig) -> ModelConfig:
 
 
 # why there is no default recipe for self distillation (BENCHMARKS.md, "Self distillation")
-SELF_EVIDENCE = ("on BCCD, ld and soft_bce, the recipe of two DFL models, made mean-teacher runs diverge both at weight: "
-                 "auto and at weight 1.0, and no other terms were measured with the student's own average")
+SELF_EVIDENCE = ("on BCCD, ld and soft_bce, the recipe of two DFL models, made mean-teacher runs diverge at weight: "
+                 "auto and at weight 1.0, together and each alone, and no other terms were measured with the "
+                 "student's own average")
 
 
 def _ld_soft_labels(why: str) -> Recipe:
