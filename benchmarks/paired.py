@@ -41,14 +41,12 @@ def stat(values: list[float], signed: bool = False) -> str:
 
 def main(out: Path, baseline_name: str, arms: list[str]) -> None:
     baseline = load(out, baseline_name)
-    teacher_ap = None
+    teachers: dict[str, list[float]] = {}  # arm -> its teacher's test AP per paired seed
     rows, per_class = [], []
     for name in [baseline_name, *arms]:
         runs = load(out, name)
         seeds = sorted(runs)
         coco = {s: runs[s]["metrics"]["coco"] for s in seeds}
-        if "teacher" in runs[seeds[0]] and teacher_ap is None:
-            teacher_ap = runs[seeds[0]]["teacher"]["metrics"]["coco"]["AP"]
         cells = [name, ",".join(map(str, seeds))]
         cells += [stat([coco[s][k] for s in seeds]) for k in ("AP", "AP50", "AP75")]
         cells.append(stat([runs[s]["metrics"]["voc"]["mAP50_all"] for s in seeds]))
@@ -61,7 +59,10 @@ def main(out: Path, baseline_name: str, arms: list[str]) -> None:
             cells.append(", ".join(f"{g:+.3f}" for g in gains["AP"]))
             base_mean = statistics.fmean(baseline[s]["metrics"]["coco"]["AP"] for s in paired)
             arm_mean = statistics.fmean(coco[s]["AP"] for s in paired)
-            teacher = runs[seeds[0]].get("teacher", {}).get("metrics", {}).get("coco", {}).get("AP")
+            found = [runs[s].get("teacher", {}).get("metrics", {}).get("coco", {}).get("AP") for s in paired]
+            teacher = statistics.fmean(found) if None not in found else None
+            if teacher is not None:
+                teachers[name] = found
             cells.append(f"{(arm_mean - base_mean) / (teacher - base_mean):.0%}" if teacher and teacher > base_mean else "-")
         rows.append(cells)
         classes = list(coco[seeds[0]]["per_class"])
@@ -70,8 +71,15 @@ def main(out: Path, baseline_name: str, arms: list[str]) -> None:
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for cells in rows:
         print("| " + " | ".join(cells) + " |")
-    if teacher_ap is not None:
-        print(f"\nteacher AP@[.5:.95] {teacher_ap:.3f}; gap closed = (arm - baseline) / (teacher - baseline), means over paired seeds\n")
+    if teachers:
+        # one teacher for every seed (a fixed checkpoint), or one per seed (a born-again arm's own baseline)
+        said = [f"{name} {found[0]:.3f}" if len({round(a, 6) for a in found}) == 1
+                else f"{name} {statistics.fmean(found):.3f} (mean of its per-seed teachers: {', '.join(f'{a:.3f}' for a in found)})"
+                for name, found in teachers.items()]
+        print(f"\nteacher AP@[.5:.95]: {'; '.join(said)}; gap closed = (arm - baseline) / (teacher - baseline), "
+              "means over paired seeds\n")
+    else:
+        print()
     print("| arm | " + " | ".join(classes) + " |\n|" + "---|" * (len(classes) + 1))
     for cells in per_class:
         print("| " + " | ".join(cells) + " |")
