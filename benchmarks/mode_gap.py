@@ -1,0 +1,76 @@
+"""How far a DFL detector's outputs in training mode (BatchNorm on the batch's statistics) are
+from its outputs in eval mode (BatchNorm on its running statistics), for the same weights and
+images: the distillation terms a mean teacher (``teacher: {self: ema}``) reads would see this gap
+even with a teacher equal to the student, since the teacher runs in eval mode and the student in
+training mode.
+
+For each checkpoint, on the first ``--images`` images of a split letterboxed to the model's input
+size (one batch, no augmentation), it prints ``ld``'s divergence (KL between the box-edge
+distributions at ``--temperature``, times T^2, eval mode as the teacher) over all locations and
+over the locations where the eval-mode model is confident (best class probability > 0.3), and the
+mean and largest difference in class probability.
+
+    python benchmarks/mode_gap.py runs/prove_bccd_vit/baseline-s0/best.pt [MORE.pt ...] \\
+        [--data bundled:bccd] [--split val] [--images 16]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from kdet.data import read_dataset
+from kdet.data.pipeline import Letterbox, letterbox_image, load_image
+from kdet.engine.checkpoint import load_detector
+
+
+def batch(data: str, split: str, count: int, size: int) -> torch.Tensor:
+    records = read_dataset(data, verify_images=False).splits[split][:count]
+    images = []
+    for record in records:
+        image = load_image(record.path)
+        images.append(letterbox_image(image, Letterbox.fit(image.shape[-1], image.shape[-2], size)))
+    return torch.stack(images).float() / 255
+
+
+def gap(path: str, args: argparse.Namespace) -> str:
+    model, payload = load_detector(path, log=lambda _: None)
+    size = payload["input_size"]
+    images = batch(args.data, args.split, args.images, size)
+    with torch.no_grad():
+        evaluated = model(images)
+        trained = copy.deepcopy(model).train()(images)  # a copy: training mode updates the running statistics
+    t = args.temperature
+    divergence, confident, probability = [], [], []
+    for e, s in zip(evaluated.head, trained.head):
+        if e.box_dist is None:
+            raise SystemExit(f"{path}: its head has no box distributions (a DFL head is needed)")
+        e_log, s_log = F.log_softmax(e.box_dist / t, 3), F.log_softmax(s.box_dist / t, 3)
+        kl = (e_log.exp() * (e_log - s_log)).sum(3).mean(2) * t**2  # [N, A, H, W]
+        p_e, p_s = e.cls_logits.sigmoid(), s.cls_logits.sigmoid()
+        divergence.append(kl.flatten())
+        confident.append(kl[p_e.amax(2) > 0.3])
+        probability.append((p_e - p_s).abs().flatten())
+    divergence, confident, probability = torch.cat(divergence), torch.cat(confident), torch.cat(probability)
+    sure = f"{confident.mean():.4f} at {confident.numel()} confident locations" if confident.numel() else "no confident location"
+    return (f"{path}: ld(eval || train) {divergence.mean():.4f} over all {divergence.numel()} locations, {sure}; "
+            f"class probability differs by {probability.mean():.4f} on average, {probability.max():.3f} at most")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoints", nargs="+")
+    parser.add_argument("--data", default="bundled:bccd")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--temperature", type=float, default=10.0, help="ld's temperature (kdet's default)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    for path in args.checkpoints:
+        print(gap(path, args))
+
+
+if __name__ == "__main__":
+    main()
