@@ -46,10 +46,14 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_data_convert(args: argparse.Namespace) -> int:
-    from .data import read_dataset, resolve_data_path
+    from .data import keep_classes, read_dataset, resolve_data_path
     from .data.export import export_coco, export_voc, export_yolo
 
     index = read_dataset(resolve_data_path(args.path), args.format)
+    if args.classes:
+        index, removed = keep_classes(index, [name.strip() for name in args.classes.split(",")])
+        left_out = ", ".join(f"{name} {count}" for name, count in removed.items()) or "none"
+        _log(f"kept the boxes of {', '.join(index.class_names)}; boxes removed: {left_out}")
     writer = {"coco": export_coco, "yolo": export_yolo, "voc": export_voc}[args.to]
     out = writer(index, args.out)
     _log(f"wrote {args.to.upper()} copy of {index.root} ({len(index.all_records())} images, splits {', '.join(index.splits)}) to {out}")
@@ -413,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--format", default="auto", choices=["auto", "voc", "coco", "yolo"], help="input format")
     convert.add_argument("--to", required=True, choices=["voc", "coco", "yolo"])
     convert.add_argument("--out", required=True)
+    convert.add_argument("--classes", help="comma-separated class names: keep only their boxes, these as the classes (the data "
+                         "of a specialist teacher); every image stays")
     convert.set_defaults(func=cmd_data_convert)
 
     torchrun_note = ("Several processes (GPUs, or CPU processes) train one model together when started with torchrun: "

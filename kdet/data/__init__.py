@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -24,6 +25,7 @@ __all__ = [
     "DataError",
     "bundled_bccd_path",
     "detect_format",
+    "keep_classes",
     "read_dataset",
     "remap_classes",
     "resolve_data_path",
@@ -130,3 +132,36 @@ def remap_classes(records: list[ImageRecord], source_names: Sequence[str], targe
         ImageRecord(r.image_id, r.path, r.width, r.height, r.boxes.copy(), lookup[r.labels], r.difficult.copy())
         for r in records
     ]
+
+
+def keep_classes(index: DatasetIndex, names: Sequence[str]) -> tuple[DatasetIndex, dict[str, int]]:
+    """``index`` with the boxes of the classes ``names`` only, and those as its classes in that
+    order: the data for a specialist teacher (several teachers, each trained on some of the
+    classes, teach one student all of them). Every image stays, also one left without a box (for
+    the specialist it shows none of its objects). Returns the new index and the number of boxes
+    removed per class left out. Raises :class:`DataError` for a name the dataset does not have
+    or given twice."""
+    names = list(names)
+    unknown = [name for name in names if name not in index.class_names]
+    if unknown:
+        raise DataError(f"classes {unknown} are not classes of {index.root} (its classes: {index.class_names}); spell them as "
+                        "the dataset does")
+    if len(set(names)) != len(names) or not names:
+        raise DataError(f"give each class to keep once, at least one (got {names})")
+    lookup = np.array([names.index(name) if name in names else -1 for name in index.class_names], dtype=np.int64)
+    removed = {name: 0 for name in index.class_names if name not in names}
+    counted: set[str] = set()
+
+    def keep(record: ImageRecord) -> ImageRecord:
+        labels = lookup[record.labels]
+        mask = labels >= 0
+        if record.image_id not in counted:  # an image in two splits is counted once
+            counted.add(record.image_id)
+            for label in record.labels[~mask]:
+                removed[index.class_names[label]] += 1
+        return ImageRecord(record.image_id, record.path, record.width, record.height, record.boxes[mask].copy(),
+                           labels[mask], record.difficult[mask].copy())
+
+    splits = {split: [keep(r) for r in records] for split, records in index.splits.items()}
+    withheld = {split: [keep(r) for r in records] for split, records in index.withheld.items()}
+    return replace(index, class_names=names, splits=splits, withheld=withheld), removed

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kdet.data import detect_format, read_dataset
+from kdet.cli import main
+from kdet.data import DataError, detect_format, keep_classes, read_dataset
 from kdet.data.export import export_coco, export_voc, export_yolo
 
 from tiny_trees import tree  # noqa: F401  (a fixture)
@@ -83,3 +84,33 @@ def test_clashing_file_names_are_made_unique(tree, tmp_path):
     back = read_dataset(export_yolo(index, tmp_path / "out"))
     assert sorted(r.path.name for r in back.all_records()) == ["x__same.jpg", "y__same.jpg"]
     assert back.problems == []
+
+
+def test_keep_classes_keeps_every_image_and_counts_the_boxes_removed(voc_source):
+    kept, removed = keep_classes(voc_source, ["ant"])
+    assert kept.class_names == ["ant"]
+    assert removed == {"zebra": 1}  # image a is in train and trainval: its zebra counts once
+    assert {k: len(v) for k, v in kept.splits.items()} == {k: len(v) for k, v in voc_source.splits.items()}
+    records = _by_stem(kept)
+    assert records["a"].labels.tolist() == [0] and records["a"].difficult.tolist() == [True]
+    np.testing.assert_allclose(records["a"].boxes, [[3, 4, 31, 23]])
+    assert records["b"].labels.tolist() == [0]
+    assert len(records["c"].boxes) == 0
+    assert voc_source.class_names == ["zebra", "ant"] and len(_by_stem(voc_source)["a"].boxes) == 2  # source untouched
+
+
+def test_keep_classes_refuses_a_class_the_dataset_does_not_have(voc_source):
+    with pytest.raises(DataError, match=r"\['helmet'\] are not classes of .*\['zebra', 'ant'\]"):
+        keep_classes(voc_source, ["ant", "helmet"])
+    with pytest.raises(DataError, match="once"):
+        keep_classes(voc_source, ["ant", "ant"])
+
+
+def test_convert_with_classes_writes_a_specialists_copy(voc_source, tmp_path, capsys):
+    assert main(["data", "convert", str(voc_source.root), "--to", "yolo", "--out", str(tmp_path / "ants"),
+                 "--classes", "ant"]) == 0
+    assert "boxes removed: zebra 1" in capsys.readouterr().out
+    back = read_dataset(tmp_path / "ants")
+    assert back.class_names == ["ant"]
+    assert sorted(r.path.stem for r in back.all_records()) == ["a", "b", "c"]
+    assert sum(len(r.boxes) for r in back.all_records()) == 2
