@@ -3,8 +3,9 @@
 # train) and trained together with a size-s DFL teacher that starts untrained (`online`: kdet
 # distill with teacher {model: {size: s}, train: true}; the teacher's class probabilities as soft
 # labels for the student and, reversed, the student's for the teacher: soft_bce at weight 1.0,
-# about what weight: auto chose for it with trained teachers; measured at the start, while both
-# models are untrained and agree, weight: auto would give a huge weight). 40 epochs, 1 thread per run, validation every 4 epochs. results.json of an
+# about what weight: auto chose for it with trained teachers; weight: auto would be measured while
+# both models are untrained and nearly agree, as with the mean teacher, where it chose weights in
+# the thousands). 40 epochs, 1 thread per run, validation every 4 epochs. results.json of an
 # online run scores both models on the test split (the teacher under `teacher`); compare the
 # teacher with the size-s DFL teacher trained alone (bundled: kdet/assets/models/bccd_teacher_dfl.pt,
 # seed 0, 0.557 AP@[.5:.95]). Resumable (see queue.sh): run the same command again.
