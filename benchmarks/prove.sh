@@ -6,7 +6,7 @@
 # seed; built by the first run that needs it; CACHE=0 runs the teacher live instead). Validation
 # every 4 epochs, 1 thread per run. EPOCHS=N sets every run's schedule (give it its own OUT_DIR).
 # Resumable (see queue.sh): finished runs are skipped, interrupted ones resumed.
-#   benchmarks/prove.sh BED OUT_DIR "SEEDS" ARM...  BED: bccd_p | cs_p | bccd_dfl_p | cs_dfl_p | bccd_vit_p | bccd_u26
+#   benchmarks/prove.sh BED OUT_DIR "SEEDS" ARM...  BED: bccd_p | cs_p | bccd_dfl_p | cs_dfl_p | bccd_vit_p | bccd_u26 | cs_u26
 # (bccd_dfl_p, cs_dfl_p: DFL heads on both sides; their teachers:
 #  kdet train bccd_student_dfl --set model.size=s --set train.threads=1 --out runs/prove_bccd_dfl/teacher
 #  kdet train benchmarks/configs/cs_teacher.yaml --set model.head=dfl --set train.threads=1
@@ -15,7 +15,8 @@
 #  kdet train benchmarks/configs/bccd_vit_teacher.yaml --set train.threads=1 --set train.eval_every=4
 #    --out runs/prove_bccd_vit/teacher
 #  bccd_u26: the Ultralytics pair, YOLO26s teacher -> YOLO26n student, both Ultralytics models; the
-#  teacher is the one benchmarks/peer_ultralytics.py trains, runs/peer_bccd/teacher/weights/best.pt)
+#  teacher is the one benchmarks/peer_ultralytics.py trains, runs/peer_bccd/teacher/weights/best.pt;
+#  cs_u26: the same on the construction-safety subset, teacher runs/peer_cs/teacher/weights/best.pt)
 # ARM `default` gives no terms: kdet's default recipe for the pair (`kdet check` names it).
 # ARM `self_ema`: the student's own moving average as its teacher (teacher: {self: ema}, no teacher
 # cache: that teacher changes every step), the terms of the DFL pairs' recipe, ld and soft_bce, at
@@ -39,7 +40,8 @@ case $BED in
   cs_dfl_p) TRAIN="benchmarks/configs/cs_dfl_student.yaml"; DISTILL="benchmarks/configs/cs_dfl_distill.yaml"; BED_SET="" ;;
   bccd_vit_p) TRAIN="bccd_student_dfl"; DISTILL="benchmarks/configs/bccd_vit_distill.yaml"; BED_SET="--set model.size=p" ;;
   bccd_u26) TRAIN="benchmarks/configs/bccd_u26_student.yaml"; DISTILL="benchmarks/configs/bccd_u26_distill.yaml"; BED_SET="" ;;
-  *) echo "unknown test bed $BED (bccd_p, cs_p, bccd_dfl_p, cs_dfl_p, bccd_vit_p, bccd_u26)"; exit 2 ;;
+  cs_u26) TRAIN="benchmarks/configs/cs_u26_student.yaml"; DISTILL="benchmarks/configs/cs_u26_distill.yaml"; BED_SET="" ;;
+  *) echo "unknown test bed $BED (bccd_p, cs_p, bccd_dfl_p, cs_dfl_p, bccd_vit_p, bccd_u26, cs_u26)"; exit 2 ;;
 esac
 RECIPE="{loss: objectness_scaled, args: {box_weight: 0.05}}"
 declare -A TERMS=(
