@@ -16,9 +16,7 @@
 # then: python benchmarks/paired.py OUT_DIR baseline online
 set -euo pipefail
 OUT=$1; SEEDS=$2
-KDET=${KDET:-kdet}
-PARALLEL=${PARALLEL:-1}
-source "$(dirname "$0")/queue.sh"
+source "$(dirname "$0")/queue.sh"  # also KDET and PARALLEL
 mkdir -p "$OUT"
 COMMON="--set train.threads=1 --set train.eval_every=4 --set model.size=p"
 TEACHER="{model: {family: yolo, backbone: cspdarknet, size: s, head: dfl}, train: true}"

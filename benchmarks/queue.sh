@@ -3,6 +3,9 @@
 # runs with a last.pt are resumed, runs in progress in another process are left alone; each
 # run's output is appended to RUN_DIR.log.
 #   source benchmarks/queue.sh; run_queue PARALLEL "cmd1" "cmd2" ...
+# Sourcing it also gives KDET (the kdet command) and PARALLEL (runs at a time) their defaults.
+KDET=${KDET:-kdet}
+PARALLEL=${PARALLEL:-1}
 run_one() {
   local cmd=$1 out=${1##*--out }
   if [ -f "$out/results.json" ]; then echo "done already: $out"; return 0; fi

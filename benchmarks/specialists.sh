@@ -15,9 +15,7 @@
 # then: python benchmarks/paired.py OUT_DIR baseline specialists generalist
 set -euo pipefail
 OUT=$1; SEEDS=$2
-KDET=${KDET:-kdet}
-PARALLEL=${PARALLEL:-1}
-source "$(dirname "$0")/queue.sh"
+source "$(dirname "$0")/queue.sh"  # also KDET and PARALLEL
 mkdir -p "$OUT"
 COMMON="--set train.threads=1 --set train.eval_every=4"
 declare -A CLASSES=([rbc]="RBC" [wbc_platelets]="WBC,Platelets")
