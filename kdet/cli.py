@@ -50,8 +50,8 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
     from .data.export import export_coco, export_voc, export_yolo
 
     index = read_dataset(resolve_data_path(args.path), args.format)
-    if args.classes:
-        index, removed = keep_classes(index, [name.strip() for name in args.classes.split(",")])
+    if args.classes is not None:  # an empty --classes "" is refused by keep_classes, not ignored
+        index, removed = keep_classes(index, [name.strip() for name in args.classes.split(",") if name.strip()])
         left_out = ", ".join(f"{name} {count}" for name, count in removed.items()) or "none"
         _log(f"kept the boxes of {', '.join(index.class_names)}; boxes removed: {left_out}")
     writer = {"coco": export_coco, "yolo": export_yolo, "voc": export_voc}[args.to]

@@ -149,16 +149,13 @@ def keep_classes(index: DatasetIndex, names: Sequence[str]) -> tuple[DatasetInde
     if len(set(names)) != len(names) or not names:
         raise DataError(f"give each class to keep once, at least one (got {names})")
     lookup = np.array([names.index(name) if name in names else -1 for name in index.class_names], dtype=np.int64)
-    removed = {name: 0 for name in index.class_names if name not in names}
-    counted: set[str] = set()
+    # all_records holds an image in two splits once, so its boxes count once
+    left_out = np.concatenate([r.labels[lookup[r.labels] < 0] for r in index.all_records()] or [np.zeros(0, np.int64)])
+    removed = {name: int((left_out == i).sum()) for i, name in enumerate(index.class_names) if name not in names}
 
     def keep(record: ImageRecord) -> ImageRecord:
         labels = lookup[record.labels]
         mask = labels >= 0
-        if record.image_id not in counted:  # an image in two splits is counted once
-            counted.add(record.image_id)
-            for label in record.labels[~mask]:
-                removed[index.class_names[label]] += 1
         return ImageRecord(record.image_id, record.path, record.width, record.height, record.boxes[mask].copy(),
                            labels[mask], record.difficult[mask].copy())
 
