@@ -19,15 +19,14 @@ import argparse
 import copy
 
 import torch
-import torch.nn.functional as F
 
 from kdet.data import read_dataset
+from kdet.distill.losses import edge_divergence
 from kdet.data.pipeline import Letterbox, letterbox_image, load_image
 from kdet.engine.checkpoint import load_detector
 
 
-def batch(data: str, split: str, count: int, size: int) -> torch.Tensor:
-    records = read_dataset(data, verify_images=False).splits[split][:count]
+def batch(records: list, size: int) -> torch.Tensor:
     images = []
     for record in records:
         image = load_image(record.path)
@@ -35,10 +34,12 @@ def batch(data: str, split: str, count: int, size: int) -> torch.Tensor:
     return torch.stack(images).float() / 255
 
 
-def gap(path: str, args: argparse.Namespace) -> str:
+def gap(path: str, images_at: "dict[int, torch.Tensor]", records: list, args: argparse.Namespace) -> str:
     model, payload = load_detector(path, log=lambda _: None)
     size = payload["input_size"]
-    images = batch(args.data, args.split, args.images, size)
+    if size not in images_at:  # one batch per input size, shared by the checkpoints
+        images_at[size] = batch(records, size)
+    images = images_at[size]
     with torch.no_grad():
         evaluated = model(images)
         trained = copy.deepcopy(model).train()(images)  # a copy: training mode updates the running statistics
@@ -47,8 +48,7 @@ def gap(path: str, args: argparse.Namespace) -> str:
     for e, s in zip(evaluated.head, trained.head):
         if e.box_dist is None:
             raise SystemExit(f"{path}: its head has no box distributions (a DFL head is needed)")
-        e_log, s_log = F.log_softmax(e.box_dist / t, 3), F.log_softmax(s.box_dist / t, 3)
-        kl = (e_log.exp() * (e_log - s_log)).sum(3).mean(2) * t**2  # [N, A, H, W]
+        kl = edge_divergence(s.box_dist, e.box_dist, t)  # [N, A, H, W], eval mode as the teacher
         p_e, p_s = e.cls_logits.sigmoid(), s.cls_logits.sigmoid()
         divergence.append(kl.flatten())
         confident.append(kl[p_e.amax(2) > 0.3])
@@ -68,8 +68,12 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=10.0, help="ld's temperature (kdet's default)")
     args = parser.parse_args()
     torch.manual_seed(0)
+    index = read_dataset(args.data, verify_images=False)
+    if args.split not in index.splits:
+        raise SystemExit(f"--split: {index.missing_split_message(args.split)}")
+    records, images_at = index.splits[args.split][:args.images], {}
     for path in args.checkpoints:
-        print(gap(path, args))
+        print(gap(path, images_at, records, args))
 
 
 if __name__ == "__main__":

@@ -314,9 +314,7 @@ def ld(
     for s, t, owner, stride in zip(student, teacher, assignment, strides):
         if s.box_dist is None or t.box_dist is None:
             raise ValueError("ld: both heads need box distributions (box_dist); use DFL heads")
-        t_log = F.log_softmax(t.box_dist / temperature, 3)
-        s_log = F.log_softmax(s.box_dist / temperature, 3)
-        divergence = (t_log.exp() * (t_log - s_log)).sum(3).mean(2) * temperature**2  # [N, A, H, W]
+        divergence = edge_divergence(s.box_dist, t.box_dist, temperature)  # [N, A, H, W]
         positive = (owner >= 0).to(divergence.dtype)
         inside = _inside_boxes(gt_boxes, stride, tuple(divergence.shape[-2:])).to(divergence.dtype)  # [N, 1, H, W]
         valuable = inside * (1 - positive)
@@ -325,6 +323,15 @@ def ld(
     main = main_sum / torch.clamp(torch.as_tensor(main_count), min=1.0)
     vlr = vlr_sum / torch.clamp(torch.as_tensor(vlr_count), min=1.0)
     return main + vlr_weight * vlr
+
+
+def edge_divergence(student_dist: Tensor, teacher_dist: Tensor, temperature: float) -> Tensor:
+    """``ld``'s divergence at every location: KL(teacher || student) between the distributions of
+    each box edge (``[N, A, 4, R, H, W]`` logits), softened with ``temperature``, times ``T^2``,
+    averaged over the four edges -> ``[N, A, H, W]``."""
+    t_log = F.log_softmax(teacher_dist / temperature, 3)
+    s_log = F.log_softmax(student_dist / temperature, 3)
+    return (t_log.exp() * (t_log - s_log)).sum(3).mean(2) * temperature**2
 
 
 def _inside_boxes(gt_boxes: list[Tensor], stride: int, grid: tuple[int, int]) -> Tensor:
