@@ -271,6 +271,8 @@ class DistillSettings(Strict):
         "constant", description="term weights over training: constant, or decaying (linear/cosine) to final_ratio at the last step"
     )
     final_ratio: float = Field(0.0, ge=0, le=1, description="term weight factor at the end of a decaying schedule")
+    start_epoch: int = Field(1, ge=1, description="first epoch with distillation terms; earlier epochs train on the labels "
+                             "alone (a burn-in: the student learns the task before it is taught; default 1, every epoch)")
     stop_epoch: int | None = Field(None, ge=0, description="last epoch with distillation terms; later epochs train on the "
                                    "labels alone (unset: every epoch)")
     assign: Literal["own", "teacher"] = Field(
@@ -301,6 +303,17 @@ class DistillConfig(Config):
             if twice:
                 raise ValueError(f"teacher name(s) {twice} given to more than one teacher; give each teacher a name of its own")
         return value
+
+    @model_validator(mode="after")
+    def _distillation_epochs(self) -> "DistillConfig":
+        start, stop, epochs = self.distill.start_epoch, self.distill.stop_epoch, self.train.epochs
+        if start > epochs:
+            raise ValueError(f"distill.start_epoch: {start} is after the last epoch (train.epochs: {epochs}), so nothing "
+                             f"would be distilled; give an epoch from 1 to {epochs}")
+        if stop is not None and stop < start:
+            raise ValueError(f"distill.stop_epoch: {stop} is before distill.start_epoch: {start}, so nothing would be "
+                             "distilled; give a stop_epoch at or after the start_epoch, or unset it")
+        return self
 
     def teachers(self) -> list[TeacherConfig]:
         """Every teacher, each with its name set (see :attr:`TeacherConfig.name`)."""
@@ -396,6 +409,11 @@ def _explain(error: ValidationError, source: str, lines: dict, overridden: set, 
     for item in error.errors():
         loc = tuple(str(p) for p in item["loc"] if p not in _UNION_TAGS)
         dotted = ".".join(loc)
+        if not loc:  # a check across keys: its message starts with the key it is about ("distill.start_epoch: ...")
+            message = str(item["msg"]).removeprefix("Value error, ")
+            key = tuple(message.split(":", 1)[0].split("."))
+            messages.append(f"{_where(key, source, lines, overridden)}{message}.")
+            continue
         where = _where(loc, source, lines, overridden)
         if item["type"] == "extra_forbidden":
             valid = _valid_keys(loc[:-1], schema)

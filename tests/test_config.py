@@ -105,6 +105,16 @@ def test_bad_value_from_set_blames_set_not_the_file_line_it_replaced(tmp_path):
     assert "--set distill.terms: distill.terms.0.weight" in message and "line 9" not in message
 
 
+def test_a_check_across_keys_names_the_key_and_its_line(tmp_path):
+    path = write(tmp_path, "data:\n  path: x\ntrain:\n  epochs: 3\nteacher:\n  checkpoint: t.pt\ndistill:\n  start_epoch: 5\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, schema=DistillConfig)
+    assert f"{path}, line 8: distill.start_epoch: 5 is after the last epoch (train.epochs: 3)" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["distill.start_epoch=2", "distill.stop_epoch=1"], schema=DistillConfig)
+    assert "--set distill.stop_epoch: distill.stop_epoch: 1 is before distill.start_epoch: 2" in str(info.value)
+
+
 BENCHMARK_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "benchmarks" / "configs").glob("*.yaml"))
 
 

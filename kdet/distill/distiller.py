@@ -103,8 +103,8 @@ class Distiller(TrainStep):
     :class:`~kdet.distill.teachers.TeacherPairing` that routes each term to the teacher(s) it
     reads (a term that averages several teachers: :meth:`averaged_term`).
 
-    ``factor`` is the weight schedule (:meth:`weight_factor`); after ``stop_epoch`` the terms
-    and the teacher are skipped and the student trains on its labels alone. A term with
+    ``factor`` is the weight schedule (:meth:`weight_factor`); before ``start_epoch`` and after
+    ``stop_epoch`` the terms and the teacher are skipped and the student trains on its labels alone. A term with
     ``weight: auto`` gets the weight that makes its gradient on the student's parameters
     ``auto.fraction`` of the detection loss's, averaged over the first ``auto.steps`` steps
     (:meth:`term_weight`); the chosen weights are saved with the run and reused on resume.
@@ -113,7 +113,8 @@ class Distiller(TrainStep):
     def __init__(
         self, student: Detector, teacher: Detector | list[TeacherLink], report: PairingReport | TeacherPairing,
         hard_weight: float = 1.0, *, schedule: str = "constant",
-        final_ratio: float = 0.0, cached: CachedTeacher | None = None, stop_epoch: int | None = None, assign: str = "own",
+        final_ratio: float = 0.0, cached: CachedTeacher | None = None, start_epoch: int = 1, stop_epoch: int | None = None,
+        assign: str = "own",
         auto: AutoWeightConfig | None = None, log: Callable[[str], None] | None = None, auto_weights_file: Path | None = None,
         online: OnlineTeacher | None = None, unlabelled: UnlabelledFeed | None = None, pseudo_labels: PseudoLabelConfig | None = None,
     ) -> None:
@@ -154,6 +155,7 @@ class Distiller(TrainStep):
         self.hard_weight = hard_weight
         self.schedule = schedule
         self.final_ratio = final_ratio
+        self.start_epoch = start_epoch
         self.stop_epoch = stop_epoch
         self.assign_from_teacher = assign == "teacher"
         self.auto = auto or AutoWeightConfig()
@@ -246,8 +248,9 @@ class Distiller(TrainStep):
 
     @property
     def distilling(self) -> bool:
-        """Whether the terms apply in the current epoch (``stop_epoch``)."""
-        return (bool(self.plans) or self.assign_from_teacher) and (self.stop_epoch is None or self.epoch <= self.stop_epoch)
+        """Whether the terms apply in the current epoch (``start_epoch`` to ``stop_epoch``)."""
+        return ((bool(self.plans) or self.assign_from_teacher) and self.epoch >= self.start_epoch
+                and (self.stop_epoch is None or self.epoch <= self.stop_epoch))
 
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)

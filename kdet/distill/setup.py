@@ -194,7 +194,8 @@ def build_step(config: DistillConfig, student: Detector, index: DatasetIndex, tr
         if main:
             made["cache"] = record_cache_build(out_dir, stats)
     step = Distiller(student, links, pairing, config.distill.hard_weight, schedule=config.distill.schedule,
-                     final_ratio=config.distill.final_ratio, stop_epoch=config.distill.stop_epoch, assign=config.distill.assign,
+                     final_ratio=config.distill.final_ratio, start_epoch=config.distill.start_epoch,
+                     stop_epoch=config.distill.stop_epoch, assign=config.distill.assign,
                      auto=config.distill.auto, log=log, auto_weights_file=out_dir / "auto_weights.json" if main else None,
                      online=online_teacher(config, links, index, out_dir, log), unlabelled=feed,
                      pseudo_labels=config.distill.pseudo_labels if feed is not None else None)

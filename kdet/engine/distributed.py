@@ -133,8 +133,8 @@ def wrap(step: nn.Module, device: torch.device, *, sync_bn: bool = False) -> tup
     """``(step, module)``: the step (its BatchNorm layers made ``SyncBatchNorm`` with ``sync_bn``)
     and what the trainer calls on a batch: the step itself with one process, the step wrapped in
     ``DistributedDataParallel`` with several. Parameters outside the student (connectors, a
-    loss's own modules) may receive no gradient in some steps (``distill.stop_epoch``), so DDP
-    then looks for unused parameters."""
+    loss's own modules) may receive no gradient in some steps (before ``distill.start_epoch``,
+    after ``distill.stop_epoch``), so DDP then looks for unused parameters."""
     if world_size() == 1:
         return step, step
     if sync_bn:

@@ -3,12 +3,13 @@ assignment, masks, modules), weight: auto and the stop epoch."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from torch import nn
 
-from kdet.config import AutoWeightConfig, DistillConfig, DistillSettings, ModelConfig, TermConfig, validate_config
+from kdet.config import AutoWeightConfig, ConfigError, DistillConfig, DistillSettings, ModelConfig, TermConfig, validate_config
 from kdet.distill.distiller import BatchContext, Distiller, box_mask
 from kdet.distill.losses import DISTILL_LOSSES, DistillLoss
 from kdet.distill.pairing import pair
@@ -141,6 +142,22 @@ def test_auto_weight_balances_gradients_and_is_kept():
     fresh = Distiller(student, teacher, report, auto=AutoWeightConfig(fraction=0.25, steps=2))
     fresh.load_saved_state(distiller.state_dict_to_save())
     assert fresh.auto_weights()["distill.terms.0"] == chosen and fresh.auto_state[0][1] == 2
+
+
+def test_start_epoch_is_a_burn_in(shapes_voc, teacher_checkpoint, tmp_path):
+    out = tmp_path / "run"
+    distill(run_config(shapes_voc, teacher_checkpoint, start_epoch=2), out, log=lambda _: None, progress=False)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "loss_kd0_fitnet" not in records[0] and "loss_kd0_fitnet" in records[1]
+
+
+@pytest.mark.parametrize("settings, words", [
+    ({"start_epoch": 3}, "distill.start_epoch: 3 is after the last epoch (train.epochs: 2)"),
+    ({"start_epoch": 2, "stop_epoch": 1}, "distill.stop_epoch: 1 is before distill.start_epoch: 2"),
+])
+def test_distillation_epochs_that_distil_nothing_are_refused(shapes_voc, teacher_checkpoint, settings, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        run_config(shapes_voc, teacher_checkpoint, **settings)
 
 
 def run_config(data, teacher, **distill_settings) -> DistillConfig:
