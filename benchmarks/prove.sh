@@ -21,7 +21,8 @@
 # ARM `self_ema`: the student's own moving average as its teacher (teacher: {self: ema}, no teacher
 # cache: that teacher changes every step), the terms of the DFL pairs' recipe, ld and soft_bce, at
 # weight 1.0 (weight: auto is refused with such a teacher), the student's own assignment;
-# `self_bce` and `self_ld` the same with one of the two terms.
+# `self_bce` and `self_ld` the same with one of the two terms; `self_ema_b20` and `self_bce_b20` the
+# same after a burn-in (distill.start_epoch=20: the first 19 epochs train on the labels alone).
 # ARM `born_again`: the bed's own baseline of the same seed (OUT_DIR/baseline-sSEED/best.pt, run
 # it first) teaches a fresh copy of itself with kdet's default recipe for the pair, the teacher
 # live (a born-again generation, as `kdet chain` with `chain: [{}, {}]` runs it).
@@ -49,6 +50,8 @@ declare -A TERMS=(
   [self_ema]="[{loss: ld, weight: 1.0}, {loss: soft_bce, weight: 1.0}]"
   [self_bce]="[{loss: soft_bce, weight: 1.0}]"
   [self_ld]="[{loss: ld, weight: 1.0}]"
+  [self_ema_b20]="[{loss: ld, weight: 1.0}, {loss: soft_bce, weight: 1.0}]"
+  [self_bce_b20]="[{loss: soft_bce, weight: 1.0}]"
   [born_again]="[]"
   [recipe]="[$RECIPE]"
   [pkd]="[{loss: pkd, student: neck, weight: auto}]"
@@ -94,6 +97,8 @@ declare -A EXTRA=(
   [self_ema]="--set 'teacher={self: ema}'"
   [self_bce]="--set 'teacher={self: ema}'"
   [self_ld]="--set 'teacher={self: ema}'"
+  [self_ema_b20]="--set 'teacher={self: ema}' --set distill.start_epoch=20"
+  [self_bce_b20]="--set 'teacher={self: ema}' --set distill.start_epoch=20"
 )
 COMMON="--set train.threads=1 --set train.eval_every=4 $BED_SET"
 # EPOCHS=N: every run (baseline and arms) on an N-epoch schedule instead of the bed's

@@ -112,6 +112,10 @@ def pair_config(config: DistillConfig, student: Detector, class_names: list[str]
     if any(link.mode == "ema" for link in links):
         shown_notes.append("teacher: the student's own exponential moving average (mean teacher), updated after every "
                            "step; it starts as the student and lags behind it")
+    start, stop, epochs = config.distill.start_epoch, config.distill.stop_epoch, config.train.epochs
+    if start > 1 or (stop is not None and stop < epochs):
+        shown_notes.append(f"distillation in epochs {start} to {min(stop or epochs, epochs)} of {epochs} "
+                           f"(distill.start_epoch, distill.stop_epoch); the student trains on its labels alone in the others")
     if config.data.unlabelled:
         per_batch = max(1, round(config.data.unlabelled_ratio * config.train.batch_size))
         source = ("train_rest: the training images data.labelled_fraction leaves out" if config.data.unlabelled == TRAIN_REST

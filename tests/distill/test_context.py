@@ -149,6 +149,7 @@ def test_start_epoch_is_a_burn_in(shapes_voc, teacher_checkpoint, tmp_path):
     distill(run_config(shapes_voc, teacher_checkpoint, start_epoch=2), out, log=lambda _: None, progress=False)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert "loss_kd0_fitnet" not in records[0] and "loss_kd0_fitnet" in records[1]
+    assert "distillation in epochs 2 to 2 of 2" in (out / "pairing.json").read_text()  # what kdet check shows
 
 
 @pytest.mark.parametrize("settings, words", [
