@@ -510,11 +510,14 @@ class CachedTeacher:
 
 
 def prepare(settings: TeacherCacheConfig, *, teacher: Detector, report: PairingReport, dataset: DetectionDataset,
-            epochs: int, batch_size: int, workers: int, log: Log, also: tuple[str, ...] = ()) -> tuple[CachedTeacher | None, dict]:
+            epochs: int, batch_size: int, workers: int, log: Log, also: tuple[str, ...] = (),
+            distilled: tuple[int, int] | None = None) -> tuple[CachedTeacher | None, dict]:
     """Open the cache for this teacher and training set, build what a run of ``epochs`` epochs
     lacks (after checking the disk can hold it), and return what reads it during training, with
     what the build did (``build_time_s``, sizes) for ``results.json``. ``also``: groups stored
-    besides those the terms read (``head`` for pseudo-labels).
+    besides those the terms read (``head`` for pseudo-labels). ``distilled``: the first and last
+    epoch with distillation terms (``distill.start_epoch``, ``stop_epoch``); only their views
+    are built.
 
     The teacher runs on the device it is on. Returns ``(None, {...})`` when no active term reads
     the teacher.
@@ -526,7 +529,9 @@ def prepare(settings: TeacherCacheConfig, *, teacher: Detector, report: PairingR
     if not names:
         log("teacher cache: no active term reads the teacher; the cache is not used")
         return None, {"dir": settings.dir, "used": False}
-    views = list(range(1, min(settings.views or epochs, epochs) + 1))
+    first, last = distilled or (1, epochs)
+    views = sorted({epoch if settings.views is None else (epoch - 1) % settings.views + 1
+                    for epoch in range(first, min(last, epochs) + 1)})
     cache = TeacherCache(settings.dir, fingerprint_parts(teacher, dataset, settings.dtype))
     size = dataset.input_size
     with torch.no_grad():

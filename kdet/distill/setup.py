@@ -240,7 +240,8 @@ def prepare_caches(config: DistillConfig, links: list[TeacherLink], train_set: D
 
     also = ("head",) if config.distill.pseudo_labels is not None and feed is not None else ()
     settings = dict(settings=config.distill.cache, epochs=config.train.epochs, batch_size=config.train.batch_size,
-                    workers=config.data.workers, log=log, also=also)
+                    workers=config.data.workers, log=log, also=also,
+                    distilled=(config.distill.start_epoch, config.distill.stop_epoch or config.train.epochs))
     stats, unlabelled = {}, {}
     for link in links:
         teacher = link.model.to(device)

@@ -155,6 +155,19 @@ def test_a_cache_the_disk_cannot_hold_is_refused_with_ways_to_need_less(shapes_v
     assert not list((tmp_path / "cache").rglob("*.npy"))  # refused before anything was written
 
 
+def test_only_the_views_of_epochs_that_distil_are_built(shapes_voc, teacher_checkpoint, tmp_path):
+    config = distill_config(shapes_voc, teacher_checkpoint, epochs=4, cache={"dir": str(tmp_path / "cache")})
+    dataset, teacher, report = parts(config)
+    cached, stats = prepare(config.distill.cache, teacher=teacher, report=report, dataset=dataset, epochs=4, batch_size=3,
+                            workers=0, log=quiet, distilled=(3, 4))  # distill.start_epoch: 3
+    assert stats["views"] == 2 and stats["built_entries"] == 2 * len(dataset)
+    assert cached.outputs([0], 3, torch.device("cpu")).head  # the epochs that distil read their views
+    replayed = distill_config(shapes_voc, teacher_checkpoint, epochs=4, cache={"dir": str(tmp_path / "other"), "views": 2})
+    _, stats = prepare(replayed.distill.cache, teacher=teacher, report=report, dataset=dataset, epochs=4, batch_size=3,
+                       workers=0, log=quiet, distilled=(2, 2))  # start_epoch 2, stop_epoch 2: view 2 only
+    assert stats["views"] == 1 and stats["built_entries"] == len(dataset)
+
+
 def test_fewer_views_than_epochs_replay_them_in_turn(shapes_voc, teacher_checkpoint, tmp_path):
     config = distill_config(shapes_voc, teacher_checkpoint, epochs=5, cache={"dir": str(tmp_path / "cache"), "views": 2})
     dataset, teacher, report = parts(config)
