@@ -56,7 +56,9 @@ the checkpoint, so the teacher's ``best.pt`` must stay where it was. A run folde
 resumable ``last.pt`` (interrupted in its first epoch) is restarted from scratch. Ultralytics does
 not restore the random state on resume, so a resumed run is not bit-identical to an uninterrupted
 one. A finished run trained with other settings than the command's stops the script (use another
-``--out``).
+``--out``). A run's kept record (``train.json`` and ``result.json``, what ``benchmarks/results/``
+holds) copied back into its folder counts as finished and scored: the students of a teacher
+trained again on another machine need not be trained again (the summary reads their scores).
 
 Offline: nothing is downloaded. ``YOLO_OFFLINE=1`` is set before Ultralytics is imported (no pip
 update check, no telemetry), models are built from their yaml (``pretrained=False``), the teacher
@@ -215,10 +217,13 @@ def compare_settings(run: Run, recorded: dict[str, Any], wanted: dict[str, Any],
 
 
 def run_state(folder: Path) -> tuple[str, dict | None]:
-    """``done``, ``resume`` (with the checkpoint's train args) or ``fresh``."""
+    """``done``, ``kept`` (the run's records without its checkpoints, as ``benchmarks/results/``
+    keeps them), ``resume`` (with the checkpoint's train args) or ``fresh``."""
     best, last = folder / "weights" / "best.pt", folder / "weights" / "last.pt"
     if (folder / "train.json").is_file() and best.is_file():
         return "done", None
+    if (folder / "train.json").is_file() and (folder / "result.json").is_file() and not last.is_file():
+        return "kept", None
     if last.is_file():
         try:
             ckpt = torch.load(last, map_location="cpu", weights_only=False)
@@ -285,10 +290,12 @@ def train_run(run: Run, data_yaml: Path, out: Path, args: argparse.Namespace) ->
     best, last = folder / "weights" / "best.pt", folder / "weights" / "last.pt"
     wanted = train_args(run, data_yaml, out, args)
     state, recorded = run_state(folder)
-    if state == "done":
+    if state in ("done", "kept"):
         if (folder / "train.json").is_file():
             compare_settings(run, json.loads((folder / "train.json").read_text())["train_args"], wanted, folder)
-        log(f"{run.name}: finished, skipped")
+        log(f"{run.name}: finished, skipped" + (" (its kept record: scores, no checkpoint)" if state == "kept" else ""))
+        if state == "kept":
+            return best
     else:
         start = time.perf_counter()
         if state == "resume":
@@ -338,7 +345,7 @@ def score_run(run: Run, best: Path, source: str, out: Path, env: dict[str, Any])
     """kdet's metrics of ``best`` on kdet's test split, written to the run's result.json."""
     folder = run.folder(out)
     result_path = folder / "result.json"
-    if result_path.is_file() and result_path.stat().st_mtime >= best.stat().st_mtime:
+    if result_path.is_file() and (not best.is_file() or result_path.stat().st_mtime >= best.stat().st_mtime):
         log(f"{run.name}: scored, skipped")
         return json.loads(result_path.read_text())
     model, payload = load_detector(best, log=lambda _: None)
