@@ -297,6 +297,9 @@ def train_run(run: Run, data_yaml: Path, out: Path, args: argparse.Namespace) ->
         if state == "kept":
             return best
     else:
+        if run.teacher is not None and not Path(run.teacher).is_file():
+            raise SystemExit(f"{run.name}: its teacher {run.teacher} is not there (a kept record holds no checkpoint); "
+                             f"move {Path(run.teacher).parent.parent} aside and run the script without --only to train the teacher")
         start = time.perf_counter()
         if state == "resume":
             compare_settings(run, {**recorded, "model": Path(str(recorded.get("model"))).name}, wanted, folder)
