@@ -62,7 +62,8 @@ def teacher_model_config(teacher: TeacherConfig) -> ModelConfig:
 
 # why there is no default recipe for self distillation (BENCHMARKS.md, "Self distillation")
 SELF_EVIDENCE = ("on BCCD, ld and soft_bce, the recipe of two DFL models, made mean-teacher runs diverge at weight: "
-                 "auto and at weight 1.0, together and each alone, and no other terms were measured with the "
+                 "auto and at weight 1.0, together and each alone, also after a 19-epoch burn-in on the labels "
+                 "(distill.start_epoch: 20), and no other terms were measured with the "
                  "student's own average")
 
 
