@@ -315,6 +315,10 @@ class DistillConfig(Config):
                              "distilled; give a stop_epoch at or after the start_epoch, or unset it")
         return self
 
+    def distilled_epochs(self) -> tuple[int, int]:
+        """The first and last epoch with distillation terms (``distill.start_epoch``, ``stop_epoch``)."""
+        return self.distill.start_epoch, min(self.distill.stop_epoch or self.train.epochs, self.train.epochs)
+
     def teachers(self) -> list[TeacherConfig]:
         """Every teacher, each with its name set (see :attr:`TeacherConfig.name`)."""
         if isinstance(self.teacher, TeacherConfig):

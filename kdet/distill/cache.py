@@ -491,7 +491,7 @@ class CachedTeacher:
 
     def data_epoch(self, epoch: int) -> int:
         """The view (the augmentation of that epoch) training epoch ``epoch`` replays."""
-        return epoch if self.views is None else (epoch - 1) % self.views + 1
+        return replayed_view(epoch, self.views)
 
     def outputs(self, indices: list[int], epoch: int, device: torch.device) -> DetectorOutput:
         view = self.data_epoch(epoch)
@@ -516,8 +516,8 @@ def prepare(settings: TeacherCacheConfig, *, teacher: Detector, report: PairingR
     lacks (after checking the disk can hold it), and return what reads it during training, with
     what the build did (``build_time_s``, sizes) for ``results.json``. ``also``: groups stored
     besides those the terms read (``head`` for pseudo-labels). ``distilled``: the first and last
-    epoch with distillation terms (``distill.start_epoch``, ``stop_epoch``); only their views
-    are built.
+    epoch with distillation terms (:meth:`~kdet.config.DistillConfig.distilled_epochs`); only
+    their views are built.
 
     The teacher runs on the device it is on. Returns ``(None, {...})`` when no active term reads
     the teacher.
@@ -530,8 +530,7 @@ def prepare(settings: TeacherCacheConfig, *, teacher: Detector, report: PairingR
         log("teacher cache: no active term reads the teacher; the cache is not used")
         return None, {"dir": settings.dir, "used": False}
     first, last = distilled or (1, epochs)
-    views = sorted({epoch if settings.views is None else (epoch - 1) % settings.views + 1
-                    for epoch in range(first, min(last, epochs) + 1)})
+    views = sorted({replayed_view(epoch, settings.views) for epoch in range(first, last + 1)})
     cache = TeacherCache(settings.dir, fingerprint_parts(teacher, dataset, settings.dtype))
     size = dataset.input_size
     with torch.no_grad():
@@ -570,6 +569,11 @@ def prepare(settings: TeacherCacheConfig, *, teacher: Detector, report: PairingR
 # ---------------------------------------------------------------------------------------------
 # Small helpers
 # ---------------------------------------------------------------------------------------------
+def replayed_view(epoch: int, views: int | None) -> int:
+    """The view training epoch ``epoch`` replays: its own, or with ``views`` V the views 1..V in turn."""
+    return epoch if views is None else (epoch - 1) % views + 1
+
+
 def format_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1024 or unit == "GB":

@@ -104,10 +104,10 @@ class Distiller(TrainStep):
     reads (a term that averages several teachers: :meth:`averaged_term`).
 
     ``factor`` is the weight schedule (:meth:`weight_factor`); before ``start_epoch`` and after
-    ``stop_epoch`` the terms and the teacher are skipped and the student trains on its labels alone. A term with
-    ``weight: auto`` gets the weight that makes its gradient on the student's parameters
-    ``auto.fraction`` of the detection loss's, averaged over the first ``auto.steps`` steps
-    (:meth:`term_weight`); the chosen weights are saved with the run and reused on resume.
+    ``stop_epoch`` the terms and the teacher are skipped and the student trains on its labels
+    alone. A term with ``weight: auto`` gets the weight that makes its gradient on the student's
+    parameters ``auto.fraction`` of the detection loss's, averaged over the first ``auto.steps``
+    steps (:meth:`term_weight`); the chosen weights are saved with the run and reused on resume.
     """
 
     def __init__(

@@ -112,9 +112,9 @@ def pair_config(config: DistillConfig, student: Detector, class_names: list[str]
     if any(link.mode == "ema" for link in links):
         shown_notes.append("teacher: the student's own exponential moving average (mean teacher), updated after every "
                            "step; it starts as the student and lags behind it")
-    start, stop, epochs = config.distill.start_epoch, config.distill.stop_epoch, config.train.epochs
-    if start > 1 or (stop is not None and stop < epochs):
-        shown_notes.append(f"distillation in epochs {start} to {min(stop or epochs, epochs)} of {epochs} "
+    (start, stop), epochs = config.distilled_epochs(), config.train.epochs
+    if (start, stop) != (1, epochs):
+        shown_notes.append(f"distillation in epochs {start} to {stop} of {epochs} "
                            f"(distill.start_epoch, distill.stop_epoch); the student trains on its labels alone in the others")
     if config.data.unlabelled:
         per_batch = max(1, round(config.data.unlabelled_ratio * config.train.batch_size))
@@ -241,7 +241,7 @@ def prepare_caches(config: DistillConfig, links: list[TeacherLink], train_set: D
     also = ("head",) if config.distill.pseudo_labels is not None and feed is not None else ()
     settings = dict(settings=config.distill.cache, epochs=config.train.epochs, batch_size=config.train.batch_size,
                     workers=config.data.workers, log=log, also=also,
-                    distilled=(config.distill.start_epoch, config.distill.stop_epoch or config.train.epochs))
+                    distilled=config.distilled_epochs())
     stats, unlabelled = {}, {}
     for link in links:
         teacher = link.model.to(device)
