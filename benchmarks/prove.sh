@@ -22,7 +22,9 @@
 # cache: that teacher changes every step), the terms of the DFL pairs' recipe, ld and soft_bce, at
 # weight 1.0 (weight: auto is refused with such a teacher), the student's own assignment;
 # `self_bce` and `self_ld` the same with one of the two terms; `self_ema_b20` and `self_bce_b20` the
-# same after a burn-in (distill.start_epoch=20: the first 19 epochs train on the labels alone).
+# same after a burn-in (distill.start_epoch=20: the first 19 epochs train on the labels alone);
+# `self_ema_bs` and `self_ema_b20_bs` are self_ema and self_ema_b20 with the average's BatchNorm
+# layers on the batch's statistics (teacher.batch_stats), as the student's are in training.
 # ARM `born_again`: the bed's own baseline of the same seed (OUT_DIR/baseline-sSEED/best.pt, run
 # it first) teaches a fresh copy of itself with kdet's default recipe for the pair, the teacher
 # live (a born-again generation, as `kdet chain` with `chain: [{}, {}]` runs it).
@@ -52,6 +54,8 @@ declare -A TERMS=(
   [self_ld]="[{loss: ld, weight: 1.0}]"
   [self_ema_b20]="[{loss: ld, weight: 1.0}, {loss: soft_bce, weight: 1.0}]"
   [self_bce_b20]="[{loss: soft_bce, weight: 1.0}]"
+  [self_ema_bs]="[{loss: ld, weight: 1.0}, {loss: soft_bce, weight: 1.0}]"
+  [self_ema_b20_bs]="[{loss: ld, weight: 1.0}, {loss: soft_bce, weight: 1.0}]"
   [born_again]="[]"
   [recipe]="[$RECIPE]"
   [pkd]="[{loss: pkd, student: neck, weight: auto}]"
@@ -99,6 +103,8 @@ declare -A EXTRA=(
   [self_ld]="--set 'teacher={self: ema}'"
   [self_ema_b20]="--set 'teacher={self: ema}' --set distill.start_epoch=20"
   [self_bce_b20]="--set 'teacher={self: ema}' --set distill.start_epoch=20"
+  [self_ema_bs]="--set 'teacher={self: ema, batch_stats: true}'"
+  [self_ema_b20_bs]="--set 'teacher={self: ema, batch_stats: true}' --set distill.start_epoch=20"
 )
 COMMON="--set train.threads=1 --set train.eval_every=4 $BED_SET"
 # EPOCHS=N: every run (baseline and arms) on an N-epoch schedule instead of the bed's

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -38,7 +39,7 @@ from .pairing import FeaturePair, PairingReport, TermPlan, level_quality, pair, 
 from .online import OnlineTeacher, detached
 from .unlabelled import (extend, in_batch_order, labelled_part, merge_pseudo_labels, pseudo_labels, rows,
                          split_forward)
-from .teachers import TeacherLink, TeacherPairing, Term, average_levels
+from .teachers import TeacherLink, TeacherPairing, Term, average_levels, batch_statistics
 
 
 def converter(in_channels: int, out_channels: int) -> nn.Module:
@@ -407,7 +408,7 @@ class Distiller(TrainStep):
         if link.mode == "ema" and link.model is self.student:
             raise RuntimeError("Distiller: the student's EMA teacher is found when training starts (before_train)")
         if link.cached is None:
-            with torch.no_grad():
+            with torch.no_grad(), (batch_statistics(link.model) if link.batch_stats else nullcontext()):
                 return link.model(batch.images)
         flags = batch.labelled
         if bool(flags.all()):

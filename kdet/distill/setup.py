@@ -54,6 +54,14 @@ def check_strategies(config: DistillConfig) -> None:
     if config.distill.pseudo_labels is not None and not config.data.unlabelled:
         raise ConfigError("distill.pseudo_labels: the teachers' boxes become targets on unlabelled images; set data.unlabelled "
                           "too (a folder of images, or a dataset whose labels are ignored), or remove distill.pseudo_labels")
+    for key, teacher in zip(_teacher_keys(config), teachers):
+        if teacher.batch_stats and teacher.train:
+            raise ConfigError(f"{key}.batch_stats: a teacher trained online (train: true) already normalises with the batch's "
+                              f"statistics; remove {key}.batch_stats")
+        if teacher.batch_stats and config.distill.cache.dir:
+            raise ConfigError(f"{key}.batch_stats: with the batch's statistics a teacher's outputs on an image depend on the "
+                              "other images of its batch, so they cannot be cached; remove --teacher-cache / "
+                              f"distill.cache.dir, or {key}.batch_stats")
     if trained and config.distill.cache.dir:
         raise ConfigError("teacher.train: true changes the teacher with every step, so its outputs cannot be cached; remove "
                           "--teacher-cache / distill.cache.dir")
@@ -105,13 +113,18 @@ def pair_config(config: DistillConfig, student: Detector, class_names: list[str]
     specs = {t.name: model.describe(size) if model is not None else student_spec for t, model, _ in teachers}
     pairing = pair_teachers([(t, specs[t.name], trained) for t, _, trained in teachers], student_spec, config.distill)
     links = [TeacherLink(t.name, model if model is not None else student, pairing.reports[t.name], t.weight,
-                         mode="ema" if t.self else "trained" if t.train else "frozen") for t, model, _ in teachers]
+                         mode="ema" if t.self else "trained" if t.train else "frozen", batch_stats=t.batch_stats)
+             for t, model, _ in teachers]
     # what concerns the whole run goes where kdet check shows it: the teacher's report when there is one
     shown_notes = pairing.notes if pairing.several else links[0].report.notes
     shown_errors = pairing.errors if pairing.several else links[0].report.errors
     if any(link.mode == "ema" for link in links):
         shown_notes.append("teacher: the student's own exponential moving average (mean teacher), updated after every "
                            "step; it starts as the student and lags behind it")
+    for link in links:
+        if link.batch_stats:
+            shown_notes.append(f"{link.name}: its BatchNorm layers normalise with each batch's statistics, as the student's do "
+                               "in training (teacher.batch_stats)")
     (start, stop), epochs = config.distilled_epochs(), config.train.epochs
     if (start, stop) != (1, epochs):
         shown_notes.append(f"distillation in epochs {start} to {stop} of {epochs} "

@@ -23,9 +23,12 @@ maps (``l2_logits``) or box distributions (``ld``) name one teacher too.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
+from torch import nn
 
 from ..config import DistillSettings, ModelConfig, TeacherConfig, TermConfig
 from ..models import Detector, ModelSpec
@@ -51,6 +54,7 @@ class TeacherLink:
     cached_unlabelled: CachedTeacher | None = None  # its cached outputs on the unlabelled images (data.unlabelled)
     reverse: PairingReport | None = None
     model_config: ModelConfig | None = None
+    batch_stats: bool = False  # its BatchNorm layers read the batch's statistics (teacher.batch_stats)
 
     @property
     def student_classes(self) -> list[int] | None:
@@ -283,3 +287,19 @@ def teacher_lines(pairing: TeacherPairing, report_lines) -> list[str]:
 
 
 __all__ = ["TeacherLink", "TeacherPairing", "Term", "average_levels", "pair_teachers", "teacher_reference"]
+
+
+@contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` with its BatchNorm layers normalising by each batch's own statistics (as in
+    training mode) without updating their running statistics; every other layer keeps its mode.
+    The layers' modes are restored on exit."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.training, m.track_running_stats) for m in norms]
+    try:
+        for m in norms:  # training without tracking: batch statistics, running ones neither read nor written
+            m.training, m.track_running_stats = True, False
+        yield model
+    finally:
+        for m, (training, track) in zip(norms, saved):
+            m.training, m.track_running_stats = training, track

@@ -106,3 +106,65 @@ def test_self_distillation_without_terms_is_refused_with_what_was_measured(shape
     config["distill"] = {"terms": []}
     with pytest.raises(ConfigError, match=r"no default recipe for self distillation .* diverge .* Give the terms"):
         with_default_recipe(validate_config(config, schema=DistillConfig), log=quiet)
+
+
+def test_batch_statistics_normalise_by_the_batch_and_leave_the_running_ones():
+    from kdet.distill.teachers import batch_statistics
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Dropout(0.5)).eval()
+    with torch.no_grad():
+        model[1].running_mean.fill_(3.0)
+    images = torch.rand(4, 3, 8, 8)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad(), batch_statistics(model):
+        out = model(images)
+        assert not model[2].training  # dropout stays in eval mode: only the normalisation changes
+    conv = model[0](images).detach()
+    expected = torch.nn.functional.batch_norm(conv, None, None, model[1].weight, model[1].bias, training=True, eps=model[1].eps)
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert not torch.allclose(out, model(images), atol=1e-3)  # eval mode reads the running statistics
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    assert not model[1].training and model[1].track_running_stats
+
+
+def test_a_teacher_with_batch_stats_is_read_in_the_students_training_mode():
+    from kdet.distill.distiller import Distiller
+
+    config = self_config("unused")
+    config["teacher"] = {"self": "ema", "batch_stats": True}
+    config = validate_config(config, schema=DistillConfig)
+    torch.manual_seed(0)
+    student = build_model(ModelConfig(family="yolo", backbone="cspdarknet", size="p", anchors="default"), ["a", "b"], 64)
+    links, pairing = pair_config(config, student, ["a", "b"])
+    assert links[0].batch_stats and any("teacher.batch_stats" in note for note in links[0].report.notes)
+    step = Distiller(student, links, pairing).train()
+    ema = ModelEMA(student, 0.9, ramp=1)
+    step.before_train(SimpleNamespace(hooks=[step, EMAHook(ema, student)]))
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    running = ema.module.state_dict()
+    running = {k: v.clone() for k, v in running.items()}
+    out = step.teacher_outputs(images, None)
+    # the average, with the student's weights (ramp 1, no update yet), gives the student's training-mode outputs
+    with torch.no_grad():
+        train_mode = student.train()(images)
+        eval_mode = ema.module(images)
+    assert torch.allclose(out.head[0].cls_logits, train_mode.head[0].cls_logits, atol=1e-5)
+    assert not torch.allclose(out.head[0].cls_logits, eval_mode.head[0].cls_logits, atol=1e-3)
+    for key, value in ema.module.state_dict().items():
+        assert torch.equal(value, running[key]), key
+    assert not ema.module.training
+
+
+@pytest.mark.parametrize("teacher, cache, message", [
+    ({"checkpoint": "x.pt", "batch_stats": True}, True, "teacher.batch_stats: with the batch's statistics .* cannot be cached"),
+    ({"checkpoint": "x.pt", "batch_stats": True, "train": True}, False, "already normalises with the batch's statistics"),
+])
+def test_batch_stats_refusals(shapes_voc, tmp_path, teacher, cache, message):
+    config = self_config(shapes_voc)
+    config["teacher"] = teacher
+    if cache:
+        config["distill"] = {**config["distill"], "cache": {"dir": "somewhere"}}
+    with pytest.raises(ConfigError, match=message):
+        distill(validate_config(config, schema=DistillConfig), tmp_path / "run", log=quiet, progress=False)
