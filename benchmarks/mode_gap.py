@@ -8,7 +8,9 @@ For each checkpoint, on the first ``--images`` images of a split letterboxed to 
 size (one batch, no augmentation), it prints ``ld``'s divergence (KL between the box-edge
 distributions at ``--temperature``, times T^2, eval mode as the teacher) over all locations and
 over the locations where the eval-mode model is confident (best class probability > 0.3), and the
-mean and largest difference in class probability.
+mean and largest difference in class probability, the mean signed difference of the class logits
+(eval minus training mode) and the mean entropy of the box-edge distributions in each mode: a
+difference with a sign is a direction a mean teacher would pull its student in at every step.
 
     python benchmarks/mode_gap.py runs/prove_bccd_vit/baseline-s0/best.pt [MORE.pt ...] \\
         [--data bundled:bccd] [--split val] [--images 16]
@@ -44,7 +46,7 @@ def gap(path: str, images_at: "dict[int, torch.Tensor]", records: list, args: ar
         evaluated = model(images)
         trained = copy.deepcopy(model).train()(images)  # a copy: training mode updates the running statistics
     t = args.temperature
-    divergence, confident, probability = [], [], []
+    divergence, confident, probability, shift, entropy = [], [], [], [], []
     for e, s in zip(evaluated.head, trained.head):
         if e.box_dist is None:
             raise SystemExit(f"{path}: its head has no box distributions (a DFL head is needed)")
@@ -53,10 +55,21 @@ def gap(path: str, images_at: "dict[int, torch.Tensor]", records: list, args: ar
         divergence.append(kl.flatten())
         confident.append(kl[p_e.amax(2) > 0.3])
         probability.append((p_e - p_s).abs().flatten())
+        shift.append((e.cls_logits - s.cls_logits).flatten())
+        entropy.append(torch.stack([_entropy(e.box_dist).flatten(), _entropy(s.box_dist).flatten()]))
     divergence, confident, probability = torch.cat(divergence), torch.cat(confident), torch.cat(probability)
+    shift, entropy = torch.cat(shift), torch.cat(entropy, dim=1).mean(1)
     sure = f"{confident.mean():.4f} at {confident.numel()} confident locations" if confident.numel() else "no confident location"
     return (f"{path}: ld(eval || train) {divergence.mean():.4f} over all {divergence.numel()} locations, {sure}; "
-            f"class probability differs by {probability.mean():.4f} on average, {probability.max():.3f} at most")
+            f"class probability differs by {probability.mean():.4f} on average, {probability.max():.3f} at most; "
+            f"class logits eval minus train {shift.mean():+.3f} on average ({(shift > 0).float().mean():.0%} higher in eval "
+            f"mode); box-edge distribution entropy {entropy[0]:.3f} in eval mode, {entropy[1]:.3f} in training mode")
+
+
+def _entropy(dist: torch.Tensor) -> torch.Tensor:
+    """Entropy of each box edge's distribution (``box_dist`` logits ``[N, A, 4, R, H, W]``, over R)."""
+    logp = dist.log_softmax(3)
+    return -(logp.exp() * logp).sum(3)
 
 
 def main() -> None:
