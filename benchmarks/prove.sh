@@ -18,8 +18,8 @@
 #  teacher is the one benchmarks/peer_ultralytics.py trains, runs/peer_bccd/teacher/weights/best.pt;
 #  cs_u26: the same on the construction-safety subset, teacher runs/peer_cs/teacher/weights/best.pt)
 # ARM `default` gives no terms: kdet's default recipe for the pair (`kdet check` names it).
-# ARM `self_ema`: the student's own moving average as its teacher (teacher: {self: ema}, no teacher
-# cache: that teacher changes every step), the terms of the DFL pairs' recipe, ld and soft_bce, at
+# ARM `self_ema`: the student's own moving average as its teacher, in eval mode (teacher: {self: ema,
+# batch_stats: false}; no teacher cache: that teacher changes every step), the terms of the DFL pairs' recipe, ld and soft_bce, at
 # weight 1.0 (weight: auto is refused with such a teacher), the student's own assignment;
 # `self_bce` and `self_ld` the same with one of the two terms; `self_ema_b20` and `self_bce_b20` the
 # same after a burn-in (distill.start_epoch=20: the first 19 epochs train on the labels alone);
@@ -98,11 +98,11 @@ declare -A EXTRA=(
   [os_auto1]="--set distill.auto.fraction=1.0"
   [os_auto05]="--set distill.auto.fraction=0.5"
   [os_auto03]="--set distill.auto.fraction=0.3"
-  [self_ema]="--set 'teacher={self: ema}'"
-  [self_bce]="--set 'teacher={self: ema}'"
-  [self_ld]="--set 'teacher={self: ema}'"
-  [self_ema_b20]="--set 'teacher={self: ema}' --set distill.start_epoch=20"
-  [self_bce_b20]="--set 'teacher={self: ema}' --set distill.start_epoch=20"
+  [self_ema]="--set 'teacher={self: ema, batch_stats: false}'"
+  [self_bce]="--set 'teacher={self: ema, batch_stats: false}'"
+  [self_ld]="--set 'teacher={self: ema, batch_stats: false}'"
+  [self_ema_b20]="--set 'teacher={self: ema, batch_stats: false}' --set distill.start_epoch=20"
+  [self_bce_b20]="--set 'teacher={self: ema, batch_stats: false}' --set distill.start_epoch=20"
   [self_ema_bs]="--set 'teacher={self: ema, batch_stats: true}'"
   [self_ema_b20_bs]="--set 'teacher={self: ema, batch_stats: true}' --set distill.start_epoch=20"
 )

@@ -200,13 +200,18 @@ class TeacherConfig(Strict):
     input_size: int | None = Field(None, description="input size the teacher was trained at (checkpoints record it)")
     self: Literal["ema"] | None = Field(None, description="ema: the student's own exponential moving average (train.ema) "
                                         "is its teacher (mean teacher); no checkpoint, model or weights")
-    batch_stats: bool = Field(False, description="the teacher's BatchNorm layers normalise with each batch's own statistics, "
-                              "as the student's do while it trains (the teacher's running statistics are left unchanged); "
-                              "default: its running statistics (eval mode). With self: ema this keeps the gap between the "
-                              "two BatchNorm modes out of what the terms ask of the student")
+    batch_stats: bool | None = Field(None, description="the teacher's BatchNorm layers normalise with each batch's own "
+                                     "statistics, as the student's do while it trains (the teacher's running statistics are "
+                                     "left unchanged); false: its running statistics (eval mode). Default: true for self: ema, "
+                                     "whose average in eval mode pulls the student towards the gap between its two BatchNorm "
+                                     "modes at every step; false for every other teacher")
     train: bool = Field(False, description="online (mutual) distillation: train the teacher in the same step, on the labels "
                         "and from the student's outputs (response terms in reverse); saved as teacher_best.pt. It may start "
                         "from a checkpoint, from teacher.model with weights, or from teacher.model alone (from scratch)")
+
+    def reads_batch_stats(self) -> bool:
+        """Whether the teacher normalises with the batch's statistics (``batch_stats``, or its default)."""
+        return self.batch_stats if self.batch_stats is not None else self.self == "ema"
 
     @field_validator("name")
     @classmethod

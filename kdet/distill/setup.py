@@ -55,10 +55,10 @@ def check_strategies(config: DistillConfig) -> None:
         raise ConfigError("distill.pseudo_labels: the teachers' boxes become targets on unlabelled images; set data.unlabelled "
                           "too (a folder of images, or a dataset whose labels are ignored), or remove distill.pseudo_labels")
     for key, teacher in zip(_teacher_keys(config), teachers):
-        if teacher.batch_stats and teacher.train:
+        if teacher.batch_stats is True and teacher.train:
             raise ConfigError(f"{key}.batch_stats: a teacher trained online (train: true) already normalises with the batch's "
                               f"statistics; remove {key}.batch_stats")
-        if teacher.batch_stats and config.distill.cache.dir:
+        if teacher.batch_stats is True and config.distill.cache.dir:
             raise ConfigError(f"{key}.batch_stats: with the batch's statistics a teacher's outputs on an image depend on the "
                               "other images of its batch, so they cannot be cached; remove --teacher-cache / "
                               f"distill.cache.dir, or {key}.batch_stats")
@@ -113,7 +113,7 @@ def pair_config(config: DistillConfig, student: Detector, class_names: list[str]
     specs = {t.name: model.describe(size) if model is not None else student_spec for t, model, _ in teachers}
     pairing = pair_teachers([(t, specs[t.name], trained) for t, _, trained in teachers], student_spec, config.distill)
     links = [TeacherLink(t.name, model if model is not None else student, pairing.reports[t.name], t.weight,
-                         mode="ema" if t.self else "trained" if t.train else "frozen", batch_stats=t.batch_stats)
+                         mode="ema" if t.self else "trained" if t.train else "frozen", batch_stats=t.reads_batch_stats())
              for t, model, _ in teachers]
     # what concerns the whole run goes where kdet check shows it: the teacher's report when there is one
     shown_notes = pairing.notes if pairing.several else links[0].report.notes

@@ -33,7 +33,9 @@ def self_config(data, **train) -> dict:
 def test_the_mean_teacher_is_the_students_ema():
     from kdet.distill.distiller import Distiller
 
-    config = validate_config(self_config("unused"), schema=DistillConfig)
+    config = self_config("unused")
+    config["teacher"] = {"self": "ema", "batch_stats": False}  # the average in eval mode, as it is read below
+    config = validate_config(config, schema=DistillConfig)
     torch.manual_seed(0)
     student = build_model(ModelConfig(family="yolo", backbone="cspdarknet", size="p", anchors="default"), ["a", "b"], 64)
     links, pairing = pair_config(config, student, ["a", "b"])
@@ -129,12 +131,11 @@ def test_batch_statistics_normalise_by_the_batch_and_leave_the_running_ones():
     assert not model[1].training and model[1].track_running_stats
 
 
-def test_a_teacher_with_batch_stats_is_read_in_the_students_training_mode():
+def test_a_mean_teacher_is_read_on_the_batchs_statistics_by_default():
     from kdet.distill.distiller import Distiller
 
-    config = self_config("unused")
-    config["teacher"] = {"self": "ema", "batch_stats": True}
-    config = validate_config(config, schema=DistillConfig)
+    config = validate_config(self_config("unused"), schema=DistillConfig)  # teacher: {self: ema}, no batch_stats
+    assert config.teacher.batch_stats is None and config.teacher.reads_batch_stats()
     torch.manual_seed(0)
     student = build_model(ModelConfig(family="yolo", backbone="cspdarknet", size="p", anchors="default"), ["a", "b"], 64)
     links, pairing = pair_config(config, student, ["a", "b"])
@@ -168,3 +169,11 @@ def test_batch_stats_refusals(shapes_voc, tmp_path, teacher, cache, message):
         config["distill"] = {**config["distill"], "cache": {"dir": "somewhere"}}
     with pytest.raises(ConfigError, match=message):
         distill(validate_config(config, schema=DistillConfig), tmp_path / "run", log=quiet, progress=False)
+
+
+def test_only_the_mean_teacher_reads_batch_statistics_by_default():
+    from kdet.config import TeacherConfig
+
+    assert not TeacherConfig(checkpoint="x.pt").reads_batch_stats()
+    assert TeacherConfig(checkpoint="x.pt", batch_stats=True).reads_batch_stats()
+    assert not TeacherConfig(self="ema", batch_stats=False).reads_batch_stats()
