@@ -33,6 +33,13 @@ def check_strategies(config: DistillConfig) -> None:
         if teacher.self and (teacher.checkpoint or teacher.model or teacher.weights):
             raise ConfigError(f"{key}.self: ema makes the student's own moving average its teacher; remove {key}.checkpoint, "
                               f".model and .weights, or remove {key}.self")
+        if teacher.batch_stats is True and teacher.train:
+            raise ConfigError(f"{key}.batch_stats: a teacher trained online (train: true) already normalises with the batch's "
+                              f"statistics; remove {key}.batch_stats")
+        if teacher.batch_stats is True and config.distill.cache.dir:
+            raise ConfigError(f"{key}.batch_stats: with the batch's statistics a teacher's outputs on an image depend on the "
+                              "other images of its batch, so they cannot be cached; remove --teacher-cache / "
+                              f"distill.cache.dir, or {key}.batch_stats")
     special = [(key, t) for key, t in zip(_teacher_keys(config), teachers) if t.self]
     if special and len(teachers) > 1:
         raise ConfigError(f"{special[0][0]}: the student's own EMA (self: ema) is a teacher on its own; remove the other teachers")
@@ -54,14 +61,6 @@ def check_strategies(config: DistillConfig) -> None:
     if config.distill.pseudo_labels is not None and not config.data.unlabelled:
         raise ConfigError("distill.pseudo_labels: the teachers' boxes become targets on unlabelled images; set data.unlabelled "
                           "too (a folder of images, or a dataset whose labels are ignored), or remove distill.pseudo_labels")
-    for key, teacher in zip(_teacher_keys(config), teachers):
-        if teacher.batch_stats is True and teacher.train:
-            raise ConfigError(f"{key}.batch_stats: a teacher trained online (train: true) already normalises with the batch's "
-                              f"statistics; remove {key}.batch_stats")
-        if teacher.batch_stats is True and config.distill.cache.dir:
-            raise ConfigError(f"{key}.batch_stats: with the batch's statistics a teacher's outputs on an image depend on the "
-                              "other images of its batch, so they cannot be cached; remove --teacher-cache / "
-                              f"distill.cache.dir, or {key}.batch_stats")
     if trained and config.distill.cache.dir:
         raise ConfigError("teacher.train: true changes the teacher with every step, so its outputs cannot be cached; remove "
                           "--teacher-cache / distill.cache.dir")

@@ -286,9 +286,6 @@ def teacher_lines(pairing: TeacherPairing, report_lines) -> list[str]:
     return lines
 
 
-__all__ = ["TeacherLink", "TeacherPairing", "Term", "average_levels", "pair_teachers", "teacher_reference"]
-
-
 @contextmanager
 def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` with its BatchNorm layers normalising by each batch's own statistics (as in
@@ -303,3 +300,7 @@ def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, (training, track) in zip(norms, saved):
             m.training, m.track_running_stats = training, track
+
+
+__all__ = ["TeacherLink", "TeacherPairing", "Term", "average_levels", "batch_statistics", "pair_teachers",
+           "teacher_reference"]
